@@ -1,0 +1,441 @@
+"""Linear-kernel HSIC / CKA and neuron-level CKA curves.
+
+Notation: activations ``acts`` have shape ``(n, d)`` or ``(n, d, *spatial)``
+(``n`` samples, ``d`` neurons).  Neuron ``i``'s output ``A_i`` is ``(n, s)`` with
+``s = prod(spatial)`` and its Gram matrix is ``G_i = A_i A_i^T``.  The Gram
+matrix of a neuron set ``S`` is ``K_S = sum_{i in S} G_i``.
+
+Because HSIC is bilinear in its two Gram arguments, every CKA value between a
+neuron subset and the whole layer follows from the ``d x d`` *neuron-HSIC
+matrix* ``M_ij = HSIC(G_i, G_j)`` (see :func:`neuron_hsic`), which lets
+:func:`prefix_curve` evaluate all prefixes of a neuron ordering in ``O(d^2)``.
+:func:`naive_curve` is the from-scratch reference.
+
+Numerical conventions
+---------------------
+* Computation happens in the (floating) input dtype; integer/bool inputs are
+  cast to ``torch.get_default_dtype()``.
+* Features are centred before Grams are formed (shift by the first sample,
+  then subtract the mean).  Both HSIC estimators are invariant to this in
+  exact arithmetic, but it makes constant features exactly zero, so a dead
+  representation yields an HSIC of exactly ``0``.
+* A CKA whose denominator is not positive (constant representation, or a
+  negative unbiased self-HSIC) is reported as ``nan`` rather than raising:
+  callers scanning many layers/neurons can skip dead ones.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ESTIMATORS",
+    "ROUTES",
+    "gram",
+    "hsic",
+    "linear_cka",
+    "neuron_hsic",
+    "prefix_curve",
+    "naive_curve",
+    "minimal_prefix",
+]
+
+ESTIMATORS: tuple[str, ...] = ("biased", "unbiased")
+ROUTES: tuple[str, ...] = ("auto", "feature", "sample")
+
+# Largest number of elements an intermediate block may hold in neuron_hsic
+# (2**25 float64 elements = 256 MiB).  Larger problems are processed in chunks.
+_BLOCK_ELEMS: int = 2**25
+
+# Relative tolerance used by minimal_prefix.
+_THRESHOLD_RTOL: float = 1e-12
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_float(x: Any, name: str) -> torch.Tensor:
+    """Return ``x`` as a real floating tensor (casting ints/bools to the default dtype)."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"{name} must be a torch.Tensor or array-like of numbers, got {type(x).__name__}"
+            ) from exc
+    if x.is_complex():
+        raise TypeError(f"{name} must be real-valued, got complex dtype {x.dtype}")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    return x
+
+
+def _check_estimator(estimator: Any) -> str:
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(
+            f"estimator must be one of {ESTIMATORS}, got {estimator!r}"
+        )
+    return estimator
+
+
+def _min_samples(estimator: str) -> int:
+    return 2 if estimator == "biased" else 4
+
+
+def _check_n(n: int, estimator: str, what: str) -> None:
+    need = _min_samples(estimator)
+    if n < need:
+        raise ValueError(
+            f"{what} has n={n} samples but the {estimator} HSIC estimator needs n >= {need}; "
+            "pass more samples"
+            + (" or use estimator='biased'" if estimator == "unbiased" and n >= 2 else "")
+        )
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """Centre along dim 0; constant columns become exactly zero."""
+    x = x - x[:1]
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _flat_features(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(n, ...) -> (n, p); a 1-D input is one feature per sample."""
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have shape (n, ...) with n samples, got a 0-dim tensor")
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); need at least one")
+    return x
+
+
+def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    """xy / sqrt(xx yy), nan where xx <= 0 or yy <= 0."""
+    ok = (xx > 0) & (yy > 0)
+    denom = torch.sqrt(torch.where(ok, xx * yy, torch.ones_like(xx)))
+    return torch.where(ok, xy / denom, torch.full_like(xy, float("nan")))
+
+
+def _as_order(order: Any, d: int) -> torch.Tensor:
+    """Validate a sequence of distinct neuron indices in [0, d) -> 1-D int64 tensor (CPU)."""
+    if isinstance(order, torch.Tensor):
+        if order.dtype == torch.bool or order.is_floating_point() or order.is_complex():
+            raise TypeError(f"order must hold integer indices, got a tensor of dtype {order.dtype}")
+        idx = order.detach().to(device="cpu", dtype=torch.long)
+    else:
+        if isinstance(order, (str, bytes)):
+            raise TypeError("order must be a 1-D sequence or tensor of ints, got a string")
+        if hasattr(order, "__array__") and not isinstance(order, (list, tuple)):
+            return _as_order(torch.as_tensor(order), d)
+        try:
+            seq = list(order)
+        except TypeError as exc:
+            raise TypeError(
+                f"order must be a 1-D sequence or tensor of ints, got {type(order).__name__}"
+            ) from exc
+        vals = []
+        for v in seq:
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                vals.append(operator.index(v))
+            except TypeError as exc:
+                raise TypeError(
+                    f"order must contain integer neuron indices, found {v!r} ({type(v).__name__})"
+                ) from exc
+        idx = torch.tensor(vals, dtype=torch.long)
+    if idx.dim() != 1:
+        raise ValueError(f"order must be 1-D, got shape {tuple(idx.shape)}")
+    k = idx.numel()
+    if k == 0:
+        raise ValueError("order is empty; pass at least one neuron index")
+    if k > d:
+        raise ValueError(f"order has {k} entries but there are only d={d} neurons")
+    bad = (idx < 0) | (idx >= d)
+    if bool(bad.any()):
+        first = int(idx[bad][0])
+        raise ValueError(
+            f"order contains index {first} outside [0, {d}); indices must be in [0, d) "
+            "(negative indices are not wrapped)"
+        )
+    if torch.unique(idx).numel() != k:
+        vals, counts = torch.unique(idx, return_counts=True)
+        dup = vals[counts > 1].tolist()
+        raise ValueError(f"order must not repeat indices; duplicated: {dup}")
+    return idx
+
+
+def _neuron_outputs(acts: Any, estimator: str) -> torch.Tensor:
+    """Validate activations and return them as (n, d, s)."""
+    acts = _as_float(acts, "acts")
+    if acts.dim() < 2:
+        raise ValueError(
+            f"acts must have shape (n, d) or (n, d, *spatial), got shape {tuple(acts.shape)}"
+        )
+    n, d = acts.shape[0], acts.shape[1]
+    if d == 0:
+        raise ValueError(f"acts has no neurons (shape {tuple(acts.shape)})")
+    s = math.prod(acts.shape[2:])
+    if s == 0:
+        raise ValueError(f"acts has an empty spatial extent (shape {tuple(acts.shape)})")
+    _check_n(n, estimator, "acts")
+    return acts.reshape(n, d, s)
+
+
+# --------------------------------------------------------------------------- public API
+def gram(X: Any) -> torch.Tensor:
+    """Linear Gram matrix ``X X^T`` of ``X`` with shape ``(n, ...)`` (trailing dims flattened).
+
+    A 1-D ``X`` is treated as ``n`` samples of one feature.  Returns ``(n, n)``.
+    """
+    X = _flat_features(_as_float(X, "X"), "X")
+    return X @ X.T
+
+
+def hsic(K: Any, L: Any, estimator: str = "biased") -> torch.Tensor:
+    """HSIC between two ``(n, n)`` kernel (Gram) matrices; returns a 0-dim tensor.
+
+    * ``"biased"``: ``tr(K H L H) / (n-1)^2`` with ``H = I - 11^T/n`` (needs ``n >= 2``).
+    * ``"unbiased"``: Song et al. (2012) estimator on the zero-diagonal matrices
+      (needs ``n >= 4``).
+    """
+    estimator = _check_estimator(estimator)
+    K = _as_float(K, "K")
+    L = _as_float(L, "L")
+    for name, M in (("K", K), ("L", L)):
+        if M.dim() != 2 or M.shape[0] != M.shape[1]:
+            raise ValueError(f"{name} must be a square (n, n) matrix, got shape {tuple(M.shape)}")
+    if K.shape != L.shape:
+        raise ValueError(
+            f"K and L must have the same shape (same samples), got {tuple(K.shape)} and "
+            f"{tuple(L.shape)}"
+        )
+    dtype = torch.promote_types(K.dtype, L.dtype)
+    K, L = K.to(dtype), L.to(dtype)
+    n = K.shape[0]
+    _check_n(n, estimator, "K")
+    if estimator == "biased":
+        Kc = K - K.mean(dim=0, keepdim=True)
+        Kc = Kc - Kc.mean(dim=1, keepdim=True)
+        # tr(HKH L) = sum_ij (HKH)_ij L_ji
+        return (Kc * L.T).sum() / (n - 1) ** 2
+    Kt = K.clone()
+    Lt = L.clone()
+    Kt.diagonal().zero_()
+    Lt.diagonal().zero_()
+    tr = (Kt * Lt.T).sum()
+    sums = Kt.sum() * Lt.sum() / ((n - 1) * (n - 2))
+    cross = (Kt.sum(dim=0) * Lt.sum(dim=1)).sum() * (2.0 / (n - 2))
+    return (tr + sums - cross) / (n * (n - 3))
+
+
+def linear_cka(X: Any, Y: Any, estimator: str = "biased") -> torch.Tensor:
+    """Linear CKA between features ``X`` ``(n, p, ...)`` and ``Y`` ``(n, q, ...)``.
+
+    Returns a 0-dim tensor (dtype: promotion of the inputs' dtypes).  If either
+    representation is constant (self-HSIC ``<= 0``, also possible for a noisy
+    unbiased estimate) the result is ``nan``.  The biased estimator uses the
+    feature-space identity ``||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``
+    when it is cheaper than forming ``n x n`` Grams.
+    """
+    estimator = _check_estimator(estimator)
+    X = _flat_features(_as_float(X, "X"), "X")
+    Y = _flat_features(_as_float(Y, "Y"), "Y")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X and Y must have the same number of samples (dim 0), got {X.shape[0]} and "
+            f"{Y.shape[0]}"
+        )
+    dtype = torch.promote_types(X.dtype, Y.dtype)
+    X, Y = X.to(dtype), Y.to(dtype)
+    n, p = X.shape
+    q = Y.shape[1]
+    _check_n(n, estimator, "X")
+    Xc, Yc = _centre(X), _centre(Y)
+    if estimator == "biased" and n * (p * p + q * q + p * q) <= n * n * (p + q) + n * n:
+        xy = (Xc.T @ Yc).square().sum()
+        xx = (Xc.T @ Xc).square().sum()
+        yy = (Yc.T @ Yc).square().sum()
+        return _cka_from_hsic(xy, xx, yy)
+    K, L = Xc @ Xc.T, Yc @ Yc.T
+    return _cka_from_hsic(hsic(K, L, estimator), hsic(K, K, estimator), hsic(L, L, estimator))
+
+
+def _neuron_hsic_feature(Ac: torch.Tensor) -> torch.Tensor:
+    """Biased M from centred outputs (n, d, s): block squared Frobenius norms of Ac^T Ac."""
+    n, d, s = Ac.shape
+    flat = Ac.reshape(n, d * s)
+    M = Ac.new_empty((d, d))
+    chunk = max(1, _BLOCK_ELEMS // max(1, s * s * d))
+    for a0 in range(0, d, chunk):
+        a1 = min(d, a0 + chunk)
+        C = flat[:, a0 * s : a1 * s].T @ flat  # (c*s, d*s)
+        M[a0:a1] = C.reshape(a1 - a0, s, d, s).square().sum(dim=(1, 3))
+    return M / (n - 1) ** 2
+
+
+def _neuron_hsic_sample(Ac: torch.Tensor, estimator: str) -> torch.Tensor:
+    """M from per-neuron n x n Grams of centred outputs (n, d, s)."""
+    n, d, s = Ac.shape
+    per_neuron = Ac.permute(1, 0, 2)  # (d, n, s)
+    unbiased = estimator == "unbiased"
+
+    def grams(a0: int, a1: int) -> torch.Tensor:
+        A = per_neuron[a0:a1]
+        G = A @ A.transpose(1, 2)  # (c, n, n); already double-centred (columns of Ac sum to 0)
+        if unbiased:
+            G.diagonal(dim1=1, dim2=2).zero_()
+        return G
+
+    chunk = max(1, _BLOCK_ELEMS // (n * n))
+    blocks = [(a0, min(d, a0 + chunk)) for a0 in range(0, d, chunk)]
+    M = Ac.new_empty((d, d))
+    if unbiased:
+        t = Ac.new_empty((d,))
+        R = Ac.new_empty((d, n))
+    for bi, (a0, a1) in enumerate(blocks):
+        Ga = grams(a0, a1)
+        if unbiased:
+            t[a0:a1] = Ga.sum(dim=(1, 2))
+            R[a0:a1] = Ga.sum(dim=2)
+        Va = Ga.reshape(a1 - a0, n * n)
+        M[a0:a1, a0:a1] = Va @ Va.T
+        for b0, b1 in blocks[bi + 1 :]:
+            Vb = grams(b0, b1).reshape(b1 - b0, n * n)
+            blk = Va @ Vb.T
+            M[a0:a1, b0:b1] = blk
+            M[b0:b1, a0:a1] = blk.T
+    if not unbiased:
+        return M / (n - 1) ** 2
+    M = M + torch.outer(t, t) / ((n - 1) * (n - 2)) - (R @ R.T) * (2.0 / (n - 2))
+    return M / (n * (n - 3))
+
+
+def neuron_hsic(acts: Any, estimator: str = "biased", route: str = "auto") -> torch.Tensor:
+    """Neuron-HSIC matrix ``M_ij = HSIC(G_i, G_j)`` of shape ``(d, d)`` (symmetric).
+
+    ``acts``: ``(n, d)`` or ``(n, d, *spatial)``.  ``route``:
+
+    * ``"feature"``: block Frobenius norms of the ``(d*s) x (d*s)`` covariance
+      (biased only; cost ~ ``n (d s)^2``);
+    * ``"sample"``: inner products of per-neuron ``n x n`` Grams (cost ~
+      ``d n^2 s + d^2 n^2``);
+    * ``"auto"``: the cheaper of the two by flop count; always ``"sample"``
+      for the unbiased estimator.
+
+    Large problems are processed in neuron chunks to bound memory.
+    """
+    estimator = _check_estimator(estimator)
+    if not isinstance(route, str) or route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "feature" and estimator == "unbiased":
+        raise ValueError(
+            "route='feature' only supports the biased estimator; use route='sample' "
+            "(or 'auto') with estimator='unbiased'"
+        )
+    A = _neuron_outputs(acts, estimator)
+    n, d, s = A.shape
+    if route == "auto":
+        if estimator == "unbiased":
+            route = "sample"
+        else:
+            feature_cost = n * (d * s) ** 2
+            sample_cost = d * n * n * s + d * d * n * n
+            route = "feature" if feature_cost <= sample_cost else "sample"
+    Ac = _centre(A)
+    if route == "feature":
+        M = _neuron_hsic_feature(Ac)
+    else:
+        M = _neuron_hsic_sample(Ac, estimator)
+    return 0.5 * (M + M.T)
+
+
+def prefix_curve(M: Any, order: Any) -> torch.Tensor:
+    """CKA of every prefix of ``order`` against the whole layer, from the neuron-HSIC matrix.
+
+    ``c[k-1] = CKA(K_{order[:k]}, K_all)`` for ``k = 1..len(order)``, computed in
+    ``O(d^2)`` with cumulative sums (in float64; result cast back to ``M``'s
+    dtype).  ``order`` holds distinct indices in ``[0, d)``; it may be shorter
+    than ``d``.  Entries whose prefix self-HSIC or the layer self-HSIC is
+    ``<= 0`` (dead neurons, negative unbiased estimates) are ``nan``.
+    """
+    M = _as_float(M, "M")
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(
+            f"M must be a square (d, d) neuron-HSIC matrix, got shape {tuple(M.shape)}"
+        )
+    d = M.shape[0]
+    if d == 0:
+        raise ValueError("M is empty (d=0); need at least one neuron")
+    # float64 is cheap here (O(d^2)); MPS has no float64, so fall back to the CPU there
+    work = torch.device("cpu") if M.device.type == "mps" else M.device
+    idx = _as_order(order, d).to(work)
+    M64 = M.to(device=work, dtype=torch.float64)
+    P = M64[idx][:, idx]
+    cross = torch.cumsum(M64.sum(dim=1)[idx], dim=0)
+    # adding neuron k to the prefix adds sum_{j<k} (P[k, j] + P[j, k]) + P[k, k]
+    inc = torch.tril(P, diagonal=-1).sum(dim=1) + torch.triu(P, diagonal=1).sum(dim=0)
+    inc = inc + P.diagonal()
+    self_ = torch.cumsum(inc, dim=0)
+    total = M64.sum().expand_as(self_)
+    return _cka_from_hsic(cross, self_, total).to(device=M.device, dtype=M.dtype)
+
+
+def naive_curve(
+    acts: Any, order: Any, step: int = 1, estimator: str = "biased"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference prefix-CKA curve recomputing every Gram matrix from scratch.
+
+    For ``k = step, 2*step, ...`` (plus ``len(order)`` at the end) computes
+    ``CKA(K_{order[:k]}, K_all)`` with :func:`hsic`.  Returns ``(sizes, curve)``:
+    ``sizes`` is an int64 tensor of prefix lengths and ``curve`` matches
+    ``prefix_curve(M, order)[sizes - 1]``.  ``nan`` conventions as in
+    :func:`prefix_curve`.
+    """
+    estimator = _check_estimator(estimator)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be a positive int, got {step!r} ({type(step).__name__})")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    A = _neuron_outputs(acts, estimator)
+    n, d, _ = A.shape
+    idx = _as_order(order, d).to(A.device)
+    k_max = idx.numel()
+    sizes = list(range(step, k_max + 1, step))
+    if not sizes or sizes[-1] != k_max:
+        sizes.append(k_max)
+    Ac = _centre(A)
+    full = Ac.reshape(n, -1)
+    K_all = full @ full.T
+    h_all = hsic(K_all, K_all, estimator)
+    vals = []
+    for k in sizes:
+        sub = Ac[:, idx[:k]].reshape(n, -1)
+        K_S = sub @ sub.T
+        vals.append(_cka_from_hsic(hsic(K_S, K_all, estimator), hsic(K_S, K_S, estimator), h_all))
+    return torch.tensor(sizes, dtype=torch.long), torch.stack(vals)
+
+
+def minimal_prefix(curve: Any, threshold: float) -> int:
+    """Smallest ``k`` (1-based) with ``curve[k-1] >= threshold``; ``len(curve)`` if none.
+
+    A relative tolerance of ``1e-12 * |threshold|`` absorbs round-off, so values
+    a hair below the threshold still count.  ``nan`` entries never qualify.
+    """
+    c = _as_float(curve, "curve")
+    if c.dim() != 1:
+        raise ValueError(f"curve must be 1-D, got shape {tuple(c.shape)}")
+    if c.numel() == 0:
+        raise ValueError("curve is empty; it must contain at least one value")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+            threshold = float(threshold)
+        else:
+            raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    target = threshold - _THRESHOLD_RTOL * abs(threshold)
+    hits = torch.nonzero(c.to(torch.float64) >= target).flatten()  # nan compares False
+    return int(hits[0]) + 1 if hits.numel() else int(c.numel())
