@@ -1,0 +1,217 @@
+"""The paper's masking evaluation (RQ1): compression rate vs accuracy for every strategy.
+
+For each metric, global and category-wise slices at ratios 10%..100% and semantic slices at
+thresholds 0.90..0.99 are applied as masks; each point is compared with random slices of the
+same per-layer sizes, the floor every strategy must beat.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .masking import masked
+from .profile import METRICS, Profile
+from .train import evaluate
+from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SweepConfig", "SweepRow", "masking_sweep", "area_under_curves", "format_table",
+           "format_auc_table", "plot_sweep", "write_csv", "accuracy"]
+
+STRATEGIES = ("global", "categorywise", "semantic")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What the sweep evaluates. Defaults follow the paper's RQ1."""
+
+    metrics: tuple[str, ...] = METRICS
+    ratios: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+    thresholds: tuple[float, ...] = tuple(round(0.90 + 0.01 * i, 2) for i in range(10))
+    random_repeats: int = 3
+    batch_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("ratios", "thresholds"):
+            bad = [v for v in getattr(self, name) if not 0 < v <= 1]
+            if bad:
+                raise ValueError(f"SweepConfig.{name} must lie in (0, 1]; got {bad}")
+        if self.random_repeats < 0:
+            raise ValueError("SweepConfig.random_repeats must be >= 0")
+
+
+@dataclass
+class SweepRow:
+    strategy: str
+    metric: str
+    setting: float  # ratio (global, category-wise) or threshold (semantic)
+    compression_rate: float
+    accuracy: float
+    random_accuracy: float
+    kept: dict = field(default_factory=dict)
+
+
+def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        return data
+    xs, ys = zip(*[(x, y) for x, y in torch.utils.data.DataLoader(data, batch_size=4096)])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(inputs, labels)`` in eval mode (modes restored)."""
+    return evaluate(model, torch.utils.data.TensorDataset(inputs, labels), batch_size=batch_size)
+
+
+def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepConfig = SweepConfig(),
+                  progress: bool = True) -> tuple[float, list[SweepRow]]:
+    """Evaluate every (strategy, metric, setting); returns (unmasked accuracy, rows)."""
+    x, y = _as_tensors(test_data)
+    base = accuracy(model, x, y, config.batch_size)
+    jobs = []
+    for metric in config.metrics:
+        for r in config.ratios:
+            jobs.append(("global", metric, r))
+            jobs.append(("categorywise", metric, r))
+        for t in config.thresholds:
+            jobs.append(("semantic", metric, t))
+    makers = {"global": global_slice, "categorywise": categorywise_slice,
+              "semantic": semantic_slice}
+    it = jobs
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(jobs, desc="masking sweep", unit="slice", leave=False)
+    rows = []
+    for strategy, metric, setting in it:
+        sl = makers[strategy](profile, metric, setting)
+        rows.append(_evaluate_slice(model, sl, x, y, strategy, metric, setting, config))
+    return base, rows
+
+
+def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config) -> SweepRow:
+    with masked(model, sl):
+        acc = accuracy(model, x, y, config.batch_size)
+    rand = []
+    for seed in range(config.random_repeats):
+        with masked(model, random_slice(sl, seed=seed)):
+            rand.append(accuracy(model, x, y, config.batch_size))
+    return SweepRow(strategy=strategy, metric=metric, setting=setting,
+                    compression_rate=sl.compression_rate(model), accuracy=acc,
+                    random_accuracy=float(np.mean(rand)) if rand else float("nan"),
+                    kept=sl.kept())
+
+
+def _curve(points: list[tuple[float, float]], grid: np.ndarray) -> np.ndarray:
+    cr = np.array([p[0] for p in points])
+    acc = np.array([p[1] for p in points])
+    uniq = np.unique(cr)
+    mean_acc = np.array([acc[cr == u].mean() for u in uniq])
+    return np.interp(grid, uniq, mean_acc)
+
+
+def area_under_curves(base_accuracy: float, rows: list[SweepRow]) -> dict[str, dict[str, float]]:
+    """Normalised area under each accuracy-vs-compression curve, per metric and strategy.
+
+    Every curve starts at (0, unmasked accuracy); areas are taken over the common compression
+    range [0, R] (R = the smallest of the strategies' largest compression rates for that
+    metric) and divided by R, so each value is the mean accuracy over that range.
+    Keys: ``auc[metric][strategy]``, ``auc[metric]["random:" + strategy]`` and
+    ``auc[metric]["range"]``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for metric in dict.fromkeys(r.metric for r in rows):
+        mine = [r for r in rows if r.metric == metric]
+        strategies = list(dict.fromkeys(r.strategy for r in mine))
+        reach = min(max(r.compression_rate for r in mine if r.strategy == s) for s in strategies)
+        res: dict[str, float] = {"range": reach}
+        if reach <= 0:
+            out[metric] = res
+            continue
+        grid = np.linspace(0.0, reach, 201)
+        for s in strategies:
+            pts = [(0.0, base_accuracy)] + [(r.compression_rate, r.accuracy)
+                                            for r in mine if r.strategy == s]
+            rnd = [(0.0, base_accuracy)] + [(r.compression_rate, r.random_accuracy)
+                                            for r in mine if r.strategy == s]
+            res[s] = float(np.trapezoid(_curve(pts, grid), grid) / reach)
+            res["random:" + s] = float(np.trapezoid(_curve(rnd, grid), grid) / reach)
+        out[metric] = res
+    return out
+
+
+def format_table(base_accuracy: float, rows: list[SweepRow]) -> str:
+    head = f"{'strategy':<13}{'metric':<10}{'setting':>8}{'CR':>9}{'accuracy':>10}{'random':>9}"
+    lines = [f"unmasked accuracy: {base_accuracy:.4f}", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.strategy:<13}{r.metric:<10}{r.setting:>8.2f}"
+                     f"{100 * r.compression_rate:>8.2f}%{r.accuracy:>10.4f}"
+                     f"{r.random_accuracy:>9.4f}")
+    return "\n".join(lines)
+
+
+def format_auc_table(auc: dict[str, dict[str, float]]) -> str:
+    head = (f"{'metric':<10}{'CR range':>9}" + "".join(f"{s:>14}" for s in STRATEGIES)
+            + f"{'random(sem)':>13}")
+    lines = [head, "-" * len(head)]
+    for metric, res in auc.items():
+        vals = "".join(f"{res.get(s, float('nan')):>14.4f}" for s in STRATEGIES)
+        lines.append(f"{metric:<10}{100 * res['range']:>8.1f}%{vals}"
+                     f"{res.get('random:semantic', float('nan')):>13.4f}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[SweepRow], path: str | os.PathLike) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "metric", "setting", "compression_rate", "accuracy",
+                    "random_accuracy", "kept"])
+        for r in rows:
+            d = asdict(r)
+            w.writerow([d["strategy"], d["metric"], d["setting"], d["compression_rate"],
+                        d["accuracy"], d["random_accuracy"],
+                        " ".join(f"{k}={v}" for k, v in r.kept.items())])
+
+
+def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLike,
+               title: str = "") -> None:
+    """Accuracy vs compression rate, one panel per metric (like the paper's Figure 5)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'neuslice[plot]'") from exc
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), sharey=True,
+                             squeeze=False)
+    colors = {"global": "tab:blue", "categorywise": "tab:orange", "semantic": "tab:red"}
+    for ax, metric in zip(axes[0], metrics):
+        for s in STRATEGIES:
+            pts = sorted((r.compression_rate, r.accuracy, r.random_accuracy)
+                         for r in rows if r.metric == metric and r.strategy == s)
+            if not pts:
+                continue
+            cr = [100 * p[0] for p in pts]
+            ax.plot(cr, [p[1] for p in pts], "o-", ms=3, color=colors[s], label=s)
+            ax.plot(cr, [p[2] for p in pts], ":", color=colors[s], alpha=0.6,
+                    label=f"random ({s})")
+        ax.axhline(base_accuracy, color="grey", lw=0.8, ls="--")
+        ax.set_title(metric)
+        ax.set_xlabel("compression rate (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
