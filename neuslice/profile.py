@@ -486,6 +486,7 @@ def profile(
         if bool(dead.any()):
             per_cat = dead.sum(1).tolist()
             warnings.append(f"layer {l.name}: constant (dead) neurons per category: {per_cat}")
+            logger.info(warnings[-1])
     timings["hsic_finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     counts = states[sliced[0].name].moments.count.tolist()
@@ -495,8 +496,7 @@ def profile(
         warnings.append(f"categories {small} have fewer than {need} samples "
                         f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
                         f"slicing skips them.")
-    for w in warnings:
-        logger.warning(w)
+        logger.warning(warnings[-1])
     return Profile(layers=[l.name for l in sliced],
                    num_neurons={l.name: l.num_neurons for l in sliced},
                    num_classes=num_classes, metrics=metrics, fingerprint=fingerprint,
