@@ -8,8 +8,10 @@ gradient of the target logit with respect to any intermediate output is then tha
 DeepLIFT multiplier, so the contribution of every neuron of every layer comes from a single
 backward pass instead of one attribution call per layer.
 
-Nonlinearities used through ``torch.nn.functional`` inside ``forward`` cannot be hooked and
-use plain gradients (captum behaves the same). Max-pooling uses plain gradients too.
+Element-wise activations called functionally inside ``forward`` (``F.relu``, ``torch.relu``,
+``x.relu()``, ...) get the same rule through a ``TorchFunctionMode``, so a model written with
+functional activations is attributed exactly like its twin with ``nn.ReLU`` modules (captum
+itself uses plain gradients for those). Max-pooling uses plain gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import _ACT_FUNCTIONS, _ACT_METHODS
 
 __all__ = ["rescale_rule", "RESCALE_TYPES", "EPS"]
 
@@ -42,6 +47,30 @@ def _rescaled(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         small = torch.cat([small, small])
     linear = inp * ratio
     return torch.where(small, out, linear + (out - linear).detach())
+
+
+_RESCALE_FUNCTIONS = frozenset(_ACT_FUNCTIONS) | frozenset(
+    getattr(torch.Tensor, name) for name in _ACT_METHODS)
+_INPLACE_FUNCTIONS = frozenset([torch.relu_] + [
+    getattr(torch.Tensor, name) for name in _ACT_METHODS if name.endswith("_")])
+
+
+class _RescaleFunctions(TorchFunctionMode):
+    """Applies the rescale rule to functional element-wise activations."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _RESCALE_FUNCTIONS or not args or not torch.is_tensor(args[0]) \
+                or args[0].dim() == 0 or args[0].shape[0] % 2:
+            return func(*args, **kwargs)
+        inp = args[0]
+        inplace = func in _INPLACE_FUNCTIONS or bool(kwargs.get("inplace", False)) or \
+            any(a is True for a in args[1:])
+        saved = inp.clone() if inplace else inp
+        out = func(*args, **kwargs)
+        if not torch.is_tensor(out) or out.shape != saved.shape:
+            return out
+        return _rescaled(saved, out)
 
 
 @contextmanager
@@ -69,7 +98,8 @@ def rescale_rule(model: nn.Module) -> Iterator[None]:
             if isinstance(m, RESCALE_TYPES):
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post))
-        yield
+        with _RescaleFunctions():
+            yield
     finally:
         for h in handles:
             h.remove()

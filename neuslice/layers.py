@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -257,14 +258,30 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
             return
 
 
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def find_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[SlicedLayer]:
     """The layers to slice, in execution order, with their neuron-output hook points.
 
     ``layers=None`` picks every ``Linear``/``Conv2d`` except the classifier head (the last one
-    executed). Unknown or unsupported names raise ``ValueError``.
+    executed). Unknown or unsupported names raise ``ValueError``. Results are cached per model
+    and architecture fingerprint (tracing a large model is not free).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # Module identities too: a submodule swapped for one of the same type and shape keeps the
+    # fingerprint, but hooks must go on the new object. (Cached entries hold the old modules,
+    # so their ids cannot be reused while cached.)
+    key = (model_fingerprint(model), tuple(map(id, model.modules())),
+           None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers)))
+    cached = _CACHE.setdefault(model, {})
+    if key not in cached:
+        cached[key] = _find_layers(model, layers)
+    return list(cached[key])
+
+
+def _find_layers(model: nn.Module, layers: Sequence[str] | None) -> list[SlicedLayer]:
     named = dict(model.named_modules())
     gm = _trace(model)
     if gm is not None:

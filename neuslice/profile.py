@@ -146,6 +146,8 @@ class Profile:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(blob["meta"])
             tensors = blob["tensors"]
+            if not isinstance(meta, dict) or not isinstance(tensors, dict):
+                raise TypeError("unexpected layout")
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -155,13 +157,18 @@ class Profile:
         if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
             raise ValueError(f"{path} is not a neuslice profile (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r}).")
-        prof = cls(layers=meta["layers"], num_neurons=meta["num_neurons"],
-                   num_classes=meta["num_classes"], metrics=tuple(meta["metrics"]),
-                   fingerprint=meta["fingerprint"], input_shape=meta["input_shape"],
-                   tensors=tensors, hsic_routes=meta["hsic_routes"],
-                   warnings=meta["warnings"], timings=meta["timings"])
-        for layer in prof.layers:
-            d, c = prof.num_neurons[layer], prof.num_classes
+        try:
+            prof = cls(layers=meta["layers"], num_neurons=meta["num_neurons"],
+                       num_classes=meta["num_classes"], metrics=tuple(meta["metrics"]),
+                       fingerprint=meta["fingerprint"], input_shape=meta["input_shape"],
+                       tensors=tensors, hsic_routes=meta["hsic_routes"],
+                       warnings=meta["warnings"], timings=meta["timings"])
+            sizes = [(layer, int(prof.num_neurons[layer])) for layer in prof.layers]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is corrupt: its metadata is incomplete "
+                             f"({type(exc).__name__}: {exc}).") from exc
+        for layer, d in sizes:
+            c = prof.num_classes
             expect = {"count": (c,), "mean": (c, d), "m2": (c, d), "hsic": (c, d, d)}
             for key, shape in expect.items():
                 t = tensors.get(f"{layer}.{key}")
@@ -222,6 +229,14 @@ class _LayerState:
                 else "minibatch"
         self.route = route
         if route == "feature":
+            need = cfg.num_classes * (d * positions) ** 2 * 8
+            if need > cfg.max_memory_gb * 2**30:
+                raise ValueError(
+                    f"layer {self.layer.name!r}: the feature-space HSIC route needs "
+                    f"{need / 2**30:.1f} GiB ({cfg.num_classes} categories x "
+                    f"({d} neurons x {positions} positions)^2 float64), over max_memory_gb="
+                    f"{cfg.max_memory_gb}. Use hsic_route='minibatch' or 'auto', or raise "
+                    f"max_memory_gb.")
             compute = ACC if dtype == torch.float64 else torch.float32
             self.hsic_acc = CovarianceAccumulator(cfg.num_classes, d * positions, device, compute)
         else:
@@ -251,6 +266,7 @@ class _Config:
     hsic_route: str
     cka_batch: int
     max_feature_dim: int
+    max_memory_gb: float
 
 
 def _split_batch(batch, num_classes: int, index: int):
@@ -272,7 +288,14 @@ def _split_batch(batch, num_classes: int, index: int):
             f"batch {index}: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
             f"found values in [{int(y.min())}, {int(y.max())}]. Pass the right num_classes or "
             f"remap the labels.")
-    return x, y
+    return x, y.long()
+
+
+def _check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
+    if logits.dim() != 2 or logits.shape[1] < num_classes:
+        raise ValueError(
+            f"{metric} needs classification logits of shape (batch, num_classes={num_classes}); "
+            f"the model returned shape {tuple(logits.shape)}.")
 
 
 def _check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
@@ -321,9 +344,7 @@ def _forward_pass(model, layers, states, x, y, cfg: _Config) -> None:
                 st.hsic_acc.update(a.to(torch.float32 if a.dtype != ACC else ACC), y)
     if not want_grad:
         return
-    if logits.dim() != 2:
-        raise ValueError(f"Taylor needs classification logits of shape (batch, classes); the "
-                         f"model returned shape {tuple(logits.shape)}.")
+    _check_logits(logits, cfg.num_classes, "Taylor")
     loss = F.cross_entropy(logits, y, reduction="sum")
     targets, owners = [], []
     for l in layers:
@@ -352,7 +373,7 @@ def _forward_pass(model, layers, states, x, y, cfg: _Config) -> None:
             st.taylor_act.index_add_(0, y, per[(l.name, "h")].abs())
 
 
-def _deeplift_pass(model, layers, states, x, y) -> None:
+def _deeplift_pass(model, layers, states, x, y, num_classes: int) -> None:
     """Forward on [inputs; zero baselines] with the rescale rule; one backward for all layers."""
     kept: dict[str, torch.Tensor] = {}
 
@@ -366,6 +387,7 @@ def _deeplift_pass(model, layers, states, x, y) -> None:
     both = torch.cat([x, torch.zeros_like(x)]).detach().requires_grad_(True)
     with torch.enable_grad(), rescale_rule(model), hooks_at(model, points):
         logits = model(both)
+    _check_logits(logits, num_classes, "DeepLIFT")
     half = x.shape[0]
     target = logits[:half].gather(1, y.view(-1, 1)).sum()
     hs = [kept[l.name] for l in layers]
@@ -390,6 +412,7 @@ def profile(
     hsic_route: str = "auto",
     cka_batch: int = 128,
     max_feature_dim: int = 2048,
+    max_memory_gb: float = 8.0,
     progress: bool = True,
 ) -> Profile:
     """Profile ``model`` on ``loader`` (batches of ``(inputs, labels)``) in one streaming pass.
@@ -404,7 +427,7 @@ def profile(
             model is moved there and the caller's model is left where it is.
         hsic: also accumulate the neuron-HSIC matrices that semantic slicing needs.
         hsic_route: ``"feature"`` (exact, biased HSIC over each category's whole data; memory
-            ``(d·s)²`` per category), ``"minibatch"`` (unbiased HSIC averaged over category
+            ``(d·s)²`` per category, refused above ``max_memory_gb``), ``"minibatch"`` (unbiased HSIC averaged over category
             minibatches of ``cka_batch`` samples; memory ``cka_batch·d·s``) or ``"auto"``.
         progress: show a progress bar.
 
@@ -423,7 +446,8 @@ def profile(
     if not isinstance(cka_batch, int) or cka_batch < 4:
         raise ValueError(f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 samples), "
                          f"got {cka_batch!r}")
-    cfg = _Config(num_classes, metrics, hsic, hsic_route, cka_batch, max_feature_dim)
+    cfg = _Config(num_classes, metrics, hsic, hsic_route, cka_batch, max_feature_dim,
+                  max_memory_gb)
     fingerprint = model_fingerprint(model)
     try:
         model_device = next(model.parameters()).device
@@ -452,7 +476,7 @@ def profile(
                 _forward_pass(work_model, sliced, states, x, y, cfg)
                 t1 = time.perf_counter()
                 if "deeplift" in metrics:
-                    _deeplift_pass(work_model, sliced, states, x, y)
+                    _deeplift_pass(work_model, sliced, states, x, y, num_classes)
                 timings["forward"] += t1 - t0
                 timings["deeplift"] += time.perf_counter() - t1
     finally:

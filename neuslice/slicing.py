@@ -223,6 +223,9 @@ def semantic_slice(profile: Profile, metric: str, threshold: float, step: int = 
     threshold = _check_fraction("threshold", threshold)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be a positive int, got {step!r}")
+    if not profile.hsic_routes:
+        raise ValueError("this profile has no neuron-HSIC matrices (it was made with hsic=False); "
+                         "semantic slicing needs them: profile again with hsic=True.")
     masks, cat, notes = {}, {}, []
     for layer in profile.layers:
         d = profile.num_neurons[layer]
