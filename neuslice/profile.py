@@ -324,7 +324,7 @@ def _forward_pass(model, layers, states, x, y, cfg: _Config) -> None:
                 points.append((l.norm_module, None, keep(l, "u")))
         points.append((l.hook_module, l.call_index, keep(l, "h")))
     with torch.set_grad_enabled(want_grad), hooks_at(model, points):
-        if want_grad:
+        if want_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         logits = model(x)
     for l in layers:
@@ -384,7 +384,9 @@ def _deeplift_pass(model, layers, states, x, y, num_classes: int) -> None:
         return cb
 
     points = [(l.hook_module, l.call_index, keep(l)) for l in layers]
-    both = torch.cat([x, torch.zeros_like(x)]).detach().requires_grad_(True)
+    both = torch.cat([x, torch.zeros_like(x)]).detach()
+    if both.is_floating_point():
+        both.requires_grad_(True)
     with torch.enable_grad(), rescale_rule(model), hooks_at(model, points):
         logits = model(both)
     _check_logits(logits, num_classes, "DeepLIFT")

@@ -27,6 +27,9 @@ def _encode(mask: torch.Tensor) -> str:
 
 
 def _decode(text: str, size: int) -> torch.Tensor:
+    if len(text) != 2 * ((size + 7) // 8):
+        raise ValueError(f"a mask of {size} neurons needs {2 * ((size + 7) // 8)} hex digits, "
+                         f"got {len(text)}")
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8), count=size)
     return torch.from_numpy(bits.astype(bool))
 
@@ -122,10 +125,15 @@ class Slice:
     def save(self, path: str | os.PathLike) -> None:
         """Write a small JSON file (masks as hex bit strings); atomic."""
         path = os.fspath(path)
+        text = json.dumps(self.to_dict(), indent=1)  # fails before any file is touched
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Slice":
@@ -253,6 +261,8 @@ def semantic_slice(profile: Profile, metric: str, threshold: float, step: int = 
 
 def random_slice(like: Slice, seed: int = 0) -> Slice:
     """A random slice with the same number of critical neurons per layer as ``like``."""
+    if not isinstance(like, Slice):
+        raise TypeError(f"random_slice expects a neuslice.Slice, got {type(like).__name__}")
     rng = random.Random(seed)
     masks = {}
     for layer, m in like.masks.items():

@@ -458,3 +458,21 @@ def test_semantic_slice_needs_hsic():
     with pytest.raises(ValueError, match="hsic=False"):
         neuslice.semantic_slice(prof, "avg", 0.9)
     assert neuslice.global_slice(prof, "avg", 0.5).kept() == {"fc1": 5, "fc2": 4}
+
+
+def test_random_slice_rejects_non_slices():
+    with pytest.raises(TypeError, match="expects a neuslice.Slice"):
+        neuslice.random_slice({"fc1": torch.ones(3, dtype=torch.bool)})
+
+
+def test_short_mask_with_zero_tail_is_rejected(tmp_path):
+    keep = {"fc1": torch.zeros(64, dtype=torch.bool)}
+    keep["fc1"][:3] = True
+    sl = Slice(masks=keep, strategy="global", metric="avg", fingerprint="x", input_shape=[])
+    p = tmp_path / "s.json"
+    sl.save(p)
+    d = json.loads(p.read_text())
+    d["masks"]["fc1"] = d["masks"]["fc1"][:2]  # dropped bytes were all zero
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="hex digits"):
+        Slice.load(p)
