@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import ops
+
 __all__ = [
     "ESTIMATORS",
     "ROUTES",
@@ -49,7 +51,6 @@ ROUTES: tuple[str, ...] = ("auto", "feature", "sample")
 
 # Largest number of elements an intermediate block may hold in neuron_hsic
 # (2**25 float64 elements = 256 MiB).  Larger problems are processed in chunks.
-_BLOCK_ELEMS: int = 2**25
 
 # Relative tolerance used by minimal_prefix.
 _THRESHOLD_RTOL: float = 1e-12
@@ -262,92 +263,39 @@ def linear_cka(X: Any, Y: Any, estimator: str = "biased") -> torch.Tensor:
     return _cka_from_hsic(hsic(K, L, estimator), hsic(K, K, estimator), hsic(L, L, estimator))
 
 
-def _neuron_hsic_feature(Ac: torch.Tensor) -> torch.Tensor:
-    """Biased M from centred outputs (n, d, s): block squared Frobenius norms of Ac^T Ac."""
-    n, d, s = Ac.shape
-    flat = Ac.reshape(n, d * s)
-    M = Ac.new_empty((d, d))
-    chunk = max(1, _BLOCK_ELEMS // max(1, s * s * d))
-    for a0 in range(0, d, chunk):
-        a1 = min(d, a0 + chunk)
-        C = flat[:, a0 * s : a1 * s].T @ flat  # (c*s, d*s)
-        M[a0:a1] = C.reshape(a1 - a0, s, d, s).square().sum(dim=(1, 3))
-    return M / (n - 1) ** 2
-
-
-def _neuron_hsic_sample(Ac: torch.Tensor, estimator: str) -> torch.Tensor:
-    """M from per-neuron n x n Grams of centred outputs (n, d, s)."""
-    n, d, s = Ac.shape
-    per_neuron = Ac.permute(1, 0, 2)  # (d, n, s)
-    unbiased = estimator == "unbiased"
-
-    def grams(a0: int, a1: int) -> torch.Tensor:
-        A = per_neuron[a0:a1]
-        G = A @ A.transpose(1, 2)  # (c, n, n); already double-centred (columns of Ac sum to 0)
-        if unbiased:
-            G.diagonal(dim1=1, dim2=2).zero_()
-        return G
-
-    chunk = max(1, _BLOCK_ELEMS // (n * n))
-    blocks = [(a0, min(d, a0 + chunk)) for a0 in range(0, d, chunk)]
-    M = Ac.new_empty((d, d))
-    if unbiased:
-        t = Ac.new_empty((d,))
-        R = Ac.new_empty((d, n))
-    for bi, (a0, a1) in enumerate(blocks):
-        Ga = grams(a0, a1)
-        if unbiased:
-            t[a0:a1] = Ga.sum(dim=(1, 2))
-            R[a0:a1] = Ga.sum(dim=2)
-        Va = Ga.reshape(a1 - a0, n * n)
-        M[a0:a1, a0:a1] = Va @ Va.T
-        for b0, b1 in blocks[bi + 1 :]:
-            Vb = grams(b0, b1).reshape(b1 - b0, n * n)
-            blk = Va @ Vb.T
-            M[a0:a1, b0:b1] = blk
-            M[b0:b1, a0:a1] = blk.T
-    if not unbiased:
-        return M / (n - 1) ** 2
-    M = M + torch.outer(t, t) / ((n - 1) * (n - 2)) - (R @ R.T) * (2.0 / (n - 2))
-    return M / (n * (n - 3))
-
-
-def neuron_hsic(acts: Any, estimator: str = "biased", route: str = "auto") -> torch.Tensor:
+def neuron_hsic(
+    acts: Any, estimator: str = "biased", route: str = "auto", backend: str | None = None
+) -> torch.Tensor:
     """Neuron-HSIC matrix ``M_ij = HSIC(G_i, G_j)`` of shape ``(d, d)`` (symmetric).
 
-    ``acts``: ``(n, d)`` or ``(n, d, *spatial)``.  ``route``:
+    ``acts``: ``(n, d)`` or ``(n, d, *spatial)``. With centred outputs ``A``, both estimators
+    follow from ``B = tr(G_i G_j)`` (:func:`neuslice.ops.block_gram_norms`, the heavy part,
+    natively accelerated) and the Gram diagonals ``D_ip = ‖A_i[p]‖²``:
+    biased ``M = B / (n-1)²``; unbiased
+    ``M = [B - DDᵀ + ttᵀ/((n-1)(n-2)) - 2/(n-2)·DDᵀ] / (n(n-3))``
+    with ``t = -D·1`` (the zero-diagonal Grams of centred outputs have row sums ``-D``).
 
-    * ``"feature"``: block Frobenius norms of the ``(d*s) x (d*s)`` covariance
-      (biased only; cost ~ ``n (d s)^2``);
-    * ``"sample"``: inner products of per-neuron ``n x n`` Grams (cost ~
-      ``d n^2 s + d^2 n^2``);
-    * ``"auto"``: the cheaper of the two by flop count; always ``"sample"``
-      for the unbiased estimator.
-
-    Large problems are processed in neuron chunks to bound memory.
+    ``route``: ``"feature"`` (block norms of the ``(d·s)²`` covariance, cost ``n (d s)²``),
+    ``"sample"`` (inner products of per-neuron ``n x n`` Grams, cost ``d n² s + d² n²``) or
+    ``"auto"`` (the cheaper). ``backend``: see :mod:`neuslice.ops.dispatch`.
     """
     estimator = _check_estimator(estimator)
     if not isinstance(route, str) or route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    if route == "feature" and estimator == "unbiased":
-        raise ValueError(
-            "route='feature' only supports the biased estimator; use route='sample' "
-            "(or 'auto') with estimator='unbiased'"
-        )
     A = _neuron_outputs(acts, estimator)
-    n, d, s = A.shape
-    if route == "auto":
-        if estimator == "unbiased":
-            route = "sample"
-        else:
-            feature_cost = n * (d * s) ** 2
-            sample_cost = d * n * n * s + d * d * n * n
-            route = "feature" if feature_cost <= sample_cost else "sample"
+    n = A.shape[0]
+    if A.dtype in (torch.float16, torch.bfloat16):
+        A = A.float()  # centring needs float32 at least
     Ac = _centre(A)
-    if route == "feature":
-        M = _neuron_hsic_feature(Ac)
+    B = ops.block_gram_norms(Ac, route, backend).to(Ac.dtype)
+    if estimator == "biased":
+        M = B / (n - 1) ** 2
     else:
-        M = _neuron_hsic_sample(Ac, estimator)
+        D = Ac.square().sum(dim=2).T  # (d, n) Gram diagonals
+        DD = D @ D.T
+        t = -D.sum(dim=1)
+        M = (B - DD + torch.outer(t, t) / ((n - 1) * (n - 2)) - DD * (2.0 / (n - 2))) / (
+            n * (n - 3))
     return 0.5 * (M + M.T)
 
 

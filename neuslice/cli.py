@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
@@ -73,20 +72,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(_args: argparse.Namespace) -> int:
-    import torch
+    from .info import main as info_main
 
-    from . import __version__
-
-    lines = [f"neuslice {__version__}", f"python {platform.python_version()}",
-             f"torch {torch.__version__} (CUDA available: {torch.cuda.is_available()})"]
-    for mod in ("triton", "captum", "mlxtend", "sklearn", "matplotlib", "torchvision"):
-        try:
-            m = __import__(mod)
-            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
-        except Exception as exc:  # report, never fail
-            lines.append(f"{mod}: not available ({type(exc).__name__})")
-    print("\n".join(lines))
-    return 0
+    return info_main()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="neuslice-demo", help="output folder (default %(default)s)")
     d.add_argument("--cache-dir", default=None, help="trained-model cache folder")
     d.set_defaults(func=_demo)
-    i = sub.add_parser("info", help="print versions and available optional components")
+    i = sub.add_parser("info", help="print versions and which op backends are live")
     i.set_defaults(func=_info)
     return p
 

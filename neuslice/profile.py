@@ -240,7 +240,7 @@ class _LayerState:
             compute = ACC if dtype == torch.float64 else torch.float32
             self.hsic_acc = CovarianceAccumulator(cfg.num_classes, d * positions, device, compute)
         else:
-            fn = lambda a: cka.neuron_hsic(a, estimator="unbiased", route="sample")  # noqa: E731
+            fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=cfg.backend)  # noqa: E731
             self.hsic_acc = MinibatchHSICAccumulator(cfg.num_classes, d, cfg.cka_batch, fn, device)
 
     def hsic_result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,6 +267,7 @@ class _Config:
     cka_batch: int
     max_feature_dim: int
     max_memory_gb: float
+    backend: str | None
 
 
 def _split_batch(batch, num_classes: int, index: int):
@@ -415,6 +416,7 @@ def profile(
     cka_batch: int = 128,
     max_feature_dim: int = 2048,
     max_memory_gb: float = 8.0,
+    backend: str | None = None,
     progress: bool = True,
 ) -> Profile:
     """Profile ``model`` on ``loader`` (batches of ``(inputs, labels)``) in one streaming pass.
@@ -431,6 +433,8 @@ def profile(
         hsic_route: ``"feature"`` (exact, biased HSIC over each category's whole data; memory
             ``(d·s)²`` per category, refused above ``max_memory_gb``), ``"minibatch"`` (unbiased HSIC averaged over category
             minibatches of ``cka_batch`` samples; memory ``cka_batch·d·s``) or ``"auto"``.
+        backend: backend of the HSIC op (``neuslice.ops``): None/"auto", "cuda", "triton",
+            "cpp" or "torch"; the ``NEUSLICE_BACKEND`` environment variable also sets it.
         progress: show a progress bar.
 
     The model's parameters, buffers, gradients and train/eval modes are left exactly as they
@@ -449,7 +453,7 @@ def profile(
         raise ValueError(f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 samples), "
                          f"got {cka_batch!r}")
     cfg = _Config(num_classes, metrics, hsic, hsic_route, cka_batch, max_feature_dim,
-                  max_memory_gb)
+                  max_memory_gb, backend)
     fingerprint = model_fingerprint(model)
     try:
         model_device = next(model.parameters()).device

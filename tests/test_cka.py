@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import neuslice.cka as cka_mod
+import neuslice.ops.reference as ops_reference
 from neuslice.cka import (
     gram,
     hsic,
@@ -197,9 +198,9 @@ def test_neuron_hsic_chunked_equals_unchunked(
     acts = _acts((N, D) + SPATIAL, seed=30)
     ref = neuron_hsic(acts, estimator, route="sample")
     ref_f = neuron_hsic(acts, route="feature")
-    monkeypatch.setattr(cka_mod, "_BLOCK_ELEMS", 3 * N * N)  # 3-neuron chunks, 5 blocks
+    monkeypatch.setattr(ops_reference, "_BLOCK_ELEMS", 3 * N * N)  # 3-neuron chunks, 5 blocks
     _rel_close(neuron_hsic(acts, estimator, route="sample"), ref)
-    monkeypatch.setattr(cka_mod, "_BLOCK_ELEMS", 2 * 15 * 15 * D)
+    monkeypatch.setattr(ops_reference, "_BLOCK_ELEMS", 2 * 15 * 15 * D)
     _rel_close(neuron_hsic(acts, route="feature"), ref_f)
 
 
@@ -213,8 +214,6 @@ def test_neuron_hsic_float32_dtype_and_accuracy() -> None:
 
 def test_neuron_hsic_errors() -> None:
     acts = torch.randn(6, 3)
-    with pytest.raises(ValueError, match="route='sample'"):
-        neuron_hsic(acts, "unbiased", route="feature")
     with pytest.raises(ValueError, match="route must be"):
         neuron_hsic(acts, route="fast")
     with pytest.raises(ValueError, match="estimator"):
@@ -372,12 +371,17 @@ def test_public_names() -> None:
 
 def test_auto_route_picks_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    feat, samp = cka_mod._neuron_hsic_feature, cka_mod._neuron_hsic_sample
-    monkeypatch.setattr(cka_mod, "_neuron_hsic_feature", lambda a: calls.append("f") or feat(a))
-    monkeypatch.setattr(
-        cka_mod, "_neuron_hsic_sample", lambda a, e: calls.append("s") or samp(a, e)
-    )
+    real = ops_reference.block_gram_norms
+    monkeypatch.setattr(ops_reference, "block_gram_norms",
+                        lambda x, route: calls.append(route) or real(x, route))
     neuron_hsic(torch.randn(200, 4, dtype=torch.float64))  # n >> d*s -> feature
     neuron_hsic(torch.randn(6, 4, 8, 8, dtype=torch.float64))  # d*s >> n -> sample
-    neuron_hsic(torch.randn(200, 4, dtype=torch.float64), "unbiased")  # unbiased -> sample
-    assert calls == ["f", "s", "s"]
+    neuron_hsic(torch.randn(200, 4, dtype=torch.float64), "unbiased")  # unbiased, too
+    assert calls == ["feature", "sample", "feature"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unbiased_routes_agree(shape: tuple[int, ...]) -> None:
+    acts = _acts(shape, seed=60 + len(shape))
+    _rel_close(neuron_hsic(acts, "unbiased", route="feature"),
+               neuron_hsic(acts, "unbiased", route="sample"))

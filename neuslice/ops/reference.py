@@ -1,0 +1,61 @@
+"""Pure-PyTorch reference of the native ops: always available, the oracle of their tests."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["block_gram_norms", "choose_route", "accumulation_dtype"]
+
+_BLOCK_ELEMS = 2**25  # bound on the elements of any temporary
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other float type accumulates in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def choose_route(n: int, d: int, s: int) -> str:
+    """The cheaper way to compute ``block_gram_norms`` by flop count."""
+    feature = n * (d * s) ** 2
+    sample = d * n * n * s + d * d * n * n
+    return "feature" if feature <= sample else "sample"
+
+
+def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
+    """``M[i, j] = Σ_{a,b} (Σ_n x[n,i,a] x[n,j,b])² = tr(G_i G_j)`` with ``G_i = x_i x_iᵀ``.
+
+    ``x``: ``(n, d, s)``. No centring, no normalisation. ``route="feature"`` reduces blocks of
+    ``xᵀx`` (cost ``n (d s)²``); ``"sample"`` takes inner products of the per-neuron ``n x n``
+    Grams (cost ``d n² s + d² n²``). Returns ``(d, d)`` in the accumulation dtype.
+    """
+    n, d, s = x.shape
+    x = x.to(accumulation_dtype(x))
+    if route == "auto":
+        route = choose_route(n, d, s)
+    m = x.new_empty((d, d))
+    if route == "feature":
+        flat = x.reshape(n, d * s)
+        chunk = max(1, _BLOCK_ELEMS // max(1, s * s * d))
+        for a0 in range(0, d, chunk):
+            a1 = min(d, a0 + chunk)
+            c = flat[:, a0 * s:a1 * s].T @ flat
+            m[a0:a1] = c.reshape(a1 - a0, s, d, s).square().sum(dim=(1, 3))
+        return m
+    if route != "sample":
+        raise ValueError(f"route must be 'auto', 'feature' or 'sample', got {route!r}")
+    per_neuron = x.permute(1, 0, 2)  # (d, n, s)
+    chunk = max(1, _BLOCK_ELEMS // (n * n))
+    blocks = [(a0, min(d, a0 + chunk)) for a0 in range(0, d, chunk)]
+
+    def grams(a0: int, a1: int) -> torch.Tensor:
+        a = per_neuron[a0:a1]
+        return (a @ a.transpose(1, 2)).reshape(a1 - a0, n * n)
+
+    for bi, (a0, a1) in enumerate(blocks):
+        va = grams(a0, a1)
+        m[a0:a1, a0:a1] = va @ va.T
+        for b0, b1 in blocks[bi + 1:]:
+            blk = va @ grams(b0, b1).T
+            m[a0:a1, b0:b1] = blk
+            m[b0:b1, a0:a1] = blk.T
+    return m
