@@ -320,13 +320,13 @@ def prefix_curve(M: Any, order: Any) -> torch.Tensor:
     work = torch.device("cpu") if M.device.type == "mps" else M.device
     idx = _as_order(order, d).to(work)
     M64 = M.to(device=work, dtype=torch.float64)
-    P = M64[idx][:, idx]
-    cross = torch.cumsum(M64.sum(dim=1)[idx], dim=0)
-    # adding neuron k to the prefix adds sum_{j<k} (P[k, j] + P[j, k]) + P[k, k]
-    inc = torch.tril(P, diagonal=-1).sum(dim=1) + torch.triu(P, diagonal=1).sum(dim=0)
-    inc = inc + P.diagonal()
-    self_ = torch.cumsum(inc, dim=0)
-    total = M64.sum().expand_as(self_)
+    row = M64.sum(dim=1)
+    cross = torch.cumsum(row[idx], dim=0)
+    # HSIC(K_S, K_S) of the prefix of length k is the k-th diagonal entry of the 2-D prefix
+    # sum of the permuted matrix: two in-place cumulative sums, no masks or temporaries.
+    P = M64.index_select(0, idx).index_select(1, idx)
+    self_ = P.cumsum_(0).cumsum_(1).diagonal()
+    total = row.sum().expand_as(self_)
     return _cka_from_hsic(cross, self_, total).to(device=M.device, dtype=M.dtype)
 
 

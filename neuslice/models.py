@@ -16,7 +16,7 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MLP", "SmallCNN", "MODELS", "build_model"]
+__all__ = ["MLP", "SmallCNN", "VGG16", "MODELS", "build_model"]
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -101,7 +101,37 @@ class SmallCNN(nn.Sequential):
         }
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Sequential):
+    """VGG-16 with BatchNorm for 32x32 inputs (the CIFAR variant: 13 convs, 512-512 head).
+
+    Layers are named ``conv1`` .. ``conv13`` (each followed by ``bn*`` and ``relu*``),
+    ``pool1`` .. ``pool5``, then ``flatten``, ``fc1``, ``relu_fc1``, ``head``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        in_channels = _positive_int(in_channels, "in_channels")
+        num_classes = _positive_int(num_classes, "num_classes")
+        layers: list[tuple[str, nn.Module]] = []
+        c, conv, pool = in_channels, 0, 0
+        for v in _VGG16:
+            if v == "M":
+                pool += 1
+                layers.append((f"pool{pool}", nn.MaxPool2d(2)))
+                continue
+            conv += 1
+            layers += [(f"conv{conv}", nn.Conv2d(c, v, 3, padding=1)),
+                       (f"bn{conv}", nn.BatchNorm2d(v)), (f"relu{conv}", nn.ReLU(inplace=True))]
+            c = v
+        layers += [("flatten", nn.Flatten()), ("fc1", nn.Linear(512, 512)),
+                   ("relu_fc1", nn.ReLU(inplace=True)), ("head", nn.Linear(512, num_classes))]
+        super().__init__(OrderedDict(layers))
+        self.config: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes}
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "vgg16": VGG16}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

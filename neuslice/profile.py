@@ -247,6 +247,7 @@ class _LayerState:
         d = self.layer.num_neurons
         if self.route == "feature":
             acc = self.hsic_acc
+            acc.finalize()
             n = acc.count.to(ACC)
             cov = acc.comoment / (n - 1).clamp(min=1).view(-1, 1, 1)
             c = cov.shape[0]

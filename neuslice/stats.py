@@ -64,29 +64,60 @@ class MomentAccumulator:
 class CovarianceAccumulator:
     """Per-category mean and co-moment matrix ``Σ (x-μ)(x-μ)ᵀ`` of ``(p,)`` feature vectors.
 
-    The batch co-moment is formed from batch-centred values (matmul in ``compute_dtype``, TF32
-    off) and merged into float64 accumulators.
+    Samples are buffered per category (``buffer_size`` of them) so that each ``p x p`` update
+    serves many samples, then added as sums of values shifted by the category's first sample
+    (the shifted-data algorithm: with the shift near the mean nothing cancels badly), with the
+    matmul in ``compute_dtype`` (TF32 off) and the sums in float64.
     """
 
-    def __init__(self, num_classes: int, dim: int, device=None, compute_dtype=torch.float32):
+    def __init__(self, num_classes: int, dim: int, device=None, compute_dtype=torch.float32,
+                 buffer_size: int = 256):
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
-        self.mean = torch.zeros(num_classes, dim, dtype=ACC, device=device)
-        self.comoment = torch.zeros(num_classes, dim, dim, dtype=ACC, device=device)
+        self.shift = torch.zeros(num_classes, dim, dtype=ACC, device=device)
+        self.s1 = torch.zeros(num_classes, dim, dtype=ACC, device=device)
+        self.s2 = torch.zeros(num_classes, dim, dim, dtype=ACC, device=device)
         self.compute_dtype = compute_dtype
+        self.buffer_size = buffer_size
+        self.buffers: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+        self.buffered = [0] * num_classes
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         for k in torch.unique(labels).tolist():
             x = feats[labels == k]
-            n_b = x.shape[0]
-            mean_b = x.to(ACC).mean(0)
-            xc = (x.to(ACC) - mean_b).to(self.compute_dtype)
-            m2_b = (xc.T @ xc).to(ACC)
-            n_a = int(self.count[k])
-            n = n_a + n_b
-            delta = mean_b - self.mean[k]
-            self.comoment[k] += m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-            self.mean[k] += delta * (n_b / n)
-            self.count[k] = n
+            self.buffers[k].append(x)
+            self.buffered[k] += x.shape[0]
+            if self.buffered[k] >= self.buffer_size:
+                self._flush(k)
+
+    def _flush(self, k: int) -> None:
+        if not self.buffers[k]:
+            return
+        x = torch.cat(self.buffers[k]).to(ACC)
+        self.buffers[k], self.buffered[k] = [], 0
+        if self.count[k] == 0:
+            self.shift[k] = x[0]
+        d = x - self.shift[k]
+        self.s1[k] += d.sum(0)
+        if self.compute_dtype == ACC:
+            self.s2[k].addmm_(d.T, d)
+        else:
+            dc = d.to(self.compute_dtype)
+            self.s2[k] += (dc.T @ dc).to(ACC)
+        self.count[k] += x.shape[0]
+
+    def finalize(self) -> None:
+        for k in range(len(self.buffers)):
+            self._flush(k)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.count.clamp(min=1).unsqueeze(1).to(ACC)
+
+    @property
+    def comoment(self) -> torch.Tensor:
+        """``Σ (x-μ)(x-μ)ᵀ`` per category (call :meth:`finalize` first)."""
+        n = self.count.clamp(min=1).to(ACC).view(-1, 1, 1)
+        return self.s2 - self.s1.unsqueeze(2) * self.s1.unsqueeze(1) / n
 
 
 class MinibatchHSICAccumulator:

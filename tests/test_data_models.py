@@ -193,7 +193,10 @@ def test_cnn_shapes():
 def test_model_registry_and_bad_args():
     assert isinstance(build_model("mlp", hidden=(16,)), MLP)
     assert isinstance(build_model("cnn", width=4), SmallCNN)
-    assert set(MODELS) == {"mlp", "cnn"}
+    assert set(MODELS) == {"mlp", "cnn", "vgg16"}
+    vgg = build_model("vgg16", num_classes=7)
+    assert vgg(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in vgg.modules()) == 13
     with pytest.raises(ValueError, match="mlp"):
         build_model("resnet")
     with pytest.raises(ValueError, match="in_features"):

@@ -35,6 +35,8 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
     m = x.new_empty((d, d))
     if route == "feature":
         flat = x.reshape(n, d * s)
+        if s == 1:  # dense layer: M is the elementwise square of the covariance
+            return (flat.T @ flat).square_()
         chunk = max(1, _BLOCK_ELEMS // max(1, s * s * d))
         for a0 in range(0, d, chunk):
             a1 = min(d, a0 + chunk)
