@@ -287,16 +287,16 @@ def neuron_hsic(
     if A.dtype in (torch.float16, torch.bfloat16):
         A = A.float()  # centring needs float32 at least
     Ac = _centre(A)
-    B = ops.block_gram_norms(Ac, route, backend).to(Ac.dtype)
+    M = ops.block_gram_norms(Ac, route, backend).to(Ac.dtype)
     if estimator == "biased":
-        M = B / (n - 1) ** 2
+        scale = 1.0 / (n - 1) ** 2
     else:
         D = Ac.square().sum(dim=2).T  # (d, n) Gram diagonals
-        DD = D @ D.T
         t = -D.sum(dim=1)
-        M = (B - DD + torch.outer(t, t) / ((n - 1) * (n - 2)) - DD * (2.0 / (n - 2))) / (
-            n * (n - 3))
-    return 0.5 * (M + M.T)
+        M.addmm_(D, D.T, alpha=-(1.0 + 2.0 / (n - 2)))
+        M.addr_(t, t, alpha=1.0 / ((n - 1) * (n - 2)))
+        scale = 1.0 / (n * (n - 3))
+    return (M + M.T).mul_(0.5 * scale)  # exactly symmetric
 
 
 def prefix_curve(M: Any, order: Any) -> torch.Tensor:

@@ -371,6 +371,7 @@ def test_public_names() -> None:
 
 def test_auto_route_picks_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
+    monkeypatch.setenv("NEUSLICE_BACKEND", "torch")  # spy on the reference route choice
     real = ops_reference.block_gram_norms
     monkeypatch.setattr(ops_reference, "block_gram_norms",
                         lambda x, route: calls.append(route) or real(x, route))

@@ -88,6 +88,8 @@ class Backend:
             reasons.append(f"runs on {list(self.devices_now())}, input is on {x.device.type}")
         if x.dtype not in self.dtypes:
             reasons.append(f"supports {[str(t) for t in self.dtypes]}, input is {x.dtype}")
+        if self.name != "torch" and x.requires_grad:
+            reasons.append("input requires grad and the native op has no derivative")
         if self.name == "cuda" and x.device.type == "cuda":
             major, _ = torch.cuda.get_device_capability(x.device)
             if major < 7:
@@ -122,8 +124,7 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _FLOATS, {"cuda": False, "cpu": False},
                       "not yet benchmarked against cuBLAS on a GPU; on the CPU only the "
                       "(slow) interpreter exists"),
-    "cpp": Backend("cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": False},
-                   "measured slower than the PyTorch (MKL) route on the CPU; see bench/RESULTS.md"),
+    "cpp": Backend("cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True}),
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu"), _FLOATS + (torch.float64,),
                      {"cpu": True, "cuda": True, "mps": True, "xpu": True}),
 }
