@@ -51,6 +51,12 @@ def test_auto_skips_backends_that_are_off_by_default(monkeypatch):
     monkeypatch.setitem(dispatch.BACKENDS, "cpp", on)
     assert dispatch.select(x).name == "cpp"
     assert dispatch.select(x.double()).name == "torch"  # dtype not supported -> next one
+    dense = dispatch.Backend("cpp", ("cpu",), (torch.float32,), {"cpu": True},
+                             auto_min_positions=2)
+    monkeypatch.setitem(dispatch.BACKENDS, "cpp", dense)
+    assert dispatch.select(x).name == "cpp"  # s = 2
+    assert dispatch.select(torch.randn(8, 3, 1)).name == "torch"  # dense: not automatic
+    assert dispatch.select(torch.randn(8, 3, 1), "cpp").name == "cpp"  # explicit still works
 
 
 @pytest.mark.parametrize("bad, err, match", [

@@ -59,6 +59,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     default_on: dict  # device type -> bool: dispatched to automatically there
     why_off: str = ""
+    auto_min_positions: int = 1  # automatic choice only for inputs with s >= this
 
     def load_error(self) -> str | None:
         if self.name == "torch":
@@ -124,7 +125,10 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _FLOATS, {"cuda": False, "cpu": False},
                       "not yet benchmarked against cuBLAS on a GPU; on the CPU only the "
                       "(slow) interpreter exists"),
-    "cpp": Backend("cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True}),
+    # Dense layers (s = 1) are one BLAS matmul either way: measured 0.7-1.0x there, so the
+    # automatic choice keeps them on the PyTorch route (bench/RESULTS.md).
+    "cpp": Backend("cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True},
+                   auto_min_positions=2),
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu"), _FLOATS + (torch.float64,),
                      {"cpu": True, "cuda": True, "mps": True, "xpu": True}),
 }
@@ -146,7 +150,8 @@ def select(x: torch.Tensor, backend: str | None = None) -> Backend:
         return b
     for name in PRIORITY:
         b = BACKENDS[name]
-        if b.default_on.get(x.device.type, False) and not b.not_supported_reasons(x):
+        if b.default_on.get(x.device.type, False) and x.shape[-1] >= b.auto_min_positions \
+                and not b.not_supported_reasons(x):
             return b
     if x.dtype not in BACKENDS["torch"].dtypes:
         raise TypeError(f"no backend supports dtype {x.dtype}; use a floating-point tensor")
@@ -164,6 +169,9 @@ def backend_report(device: str = "cpu") -> list[tuple[str, bool, str]]:
             rows.append((name, False, "; ".join(reasons)))
         elif not b.default_on.get(probe.device.type, False):
             rows.append((name, True, f"available on explicit request only: {b.why_off}"))
+        elif b.auto_min_positions > 1:
+            rows.append((name, True, f"used automatically for s >= {b.auto_min_positions} "
+                                     f"positions per neuron"))
         else:
             rows.append((name, True, "used automatically"))
     return rows
