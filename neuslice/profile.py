@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 
 from . import cka
 from ._hooks import hooks_at, module_modes
+from ._io import atomic_torch_save
 from .deeplift import rescale_rule
 from .layers import SlicedLayer, find_layers, model_fingerprint
 from .stats import ACC, CovarianceAccumulator, MinibatchHSICAccumulator, MomentAccumulator
@@ -137,7 +137,7 @@ class Profile:
                 "metrics": list(self.metrics), "fingerprint": self.fingerprint,
                 "input_shape": self.input_shape, "hsic_routes": self.hsic_routes,
                 "warnings": self.warnings, "timings": self.timings}
-        _atomic_torch_save({"meta": json.dumps(meta), "tensors": self.tensors}, path)
+        atomic_torch_save({"meta": json.dumps(meta), "tensors": self.tensors}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -182,22 +182,6 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.min(), x.max()
     span = hi - lo
     return torch.zeros_like(x) if span <= 0 else (x - lo) / span
-
-
-def _atomic_torch_save(obj, path) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".neuslice")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---- the profiling pass ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import cka
+from ._io import atomic_write
 from .layers import SlicedLayer, find_layers, model_fingerprint
 from .profile import Profile
 
@@ -125,15 +126,8 @@ class Slice:
     def save(self, path: str | os.PathLike) -> None:
         """Write a small JSON file (masks as hex bit strings); atomic."""
         path = os.fspath(path)
-        text = json.dumps(self.to_dict(), indent=1)  # fails before any file is touched
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        text = json.dumps(self.to_dict(), indent=1).encode()  # fails before any file is touched
+        atomic_write(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Slice":

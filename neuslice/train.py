@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ._hooks import module_modes
+from ._io import atomic_torch_save
 from .data import load_dataset, make_loader
 from .models import MODELS, build_model
 
@@ -160,20 +160,6 @@ def _num_classes(dataset: Dataset) -> int:
     return int(max(int(dataset[i][1]) for i in range(len(dataset)))) + 1  # type: ignore[arg-type]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cached_model(
     name: str,
     dataset_name: str,
@@ -253,6 +239,6 @@ def cached_model(
     )
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_save({"state_dict": state, "config": resolved, "losses": losses}, path)
+    atomic_torch_save({"state_dict": state, "config": resolved, "losses": losses}, path)
     logger.info("cached trained model at %s", path)
     return model, train_set, test_set

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# Without a GPU, Triton kernels run in the CPU interpreter; the switch must be set before
+# triton is first imported (kernels are built at import), so it lives here, not in one module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The test models are tiny: intra-op threads only add OpenMP start/spin-wait cost, which on a
 # loaded 2-core machine turns each small op into tens of milliseconds (the suite ran ~5x slower).
