@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -82,11 +83,29 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_extra_memory(fn, device: str) -> int | None:
-    """Peak CUDA memory above the baseline while ``fn`` runs; None on the CPU (the caching
-    host allocator hides it: the reference bounds every temporary to 2**25 elements)."""
+_CPU_PEAK = """
+import sys, torch
+from neuslice import ops
+def hwm():  # peak resident size of this process image (ru_maxrss would include the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+n, d, s, route, backend, dtype = sys.argv[1:]
+x = torch.randn(int(n), int(d), int(s), dtype=getattr(torch, dtype)).relu_()
+x.sub_(x.float().mean(0).to(x.dtype))  # in place: the input is the largest allocation so far
+before = hwm()
+ops.block_gram_norms(x, route, backend=backend)
+print(hwm() - before)
+"""
+
+
+def peak_extra_memory(fn, device: str, cpu_args: list[str]) -> int | None:
+    """Peak memory the op needs beyond its input: the CUDA allocator's peak, or on the CPU the
+    growth of the peak resident size of a fresh process that runs the op once."""
     if device != "cuda":
-        return None
+        out = subprocess.run([sys.executable, "-c", _CPU_PEAK, *cpu_args], capture_output=True,
+                             text=True)
+        return int(out.stdout.strip()) if out.returncode == 0 else None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -129,7 +148,8 @@ def main() -> None:
                 continue  # the CPU interpreter is for correctness only
             fn = lambda: ops.block_gram_norms(x, route, backend=name)  # noqa: E731
             t = timed(fn, dev, args.repeats)
-            mem = peak_extra_memory(fn, dev)
+            mem = peak_extra_memory(fn, dev, [str(args.n), str(shape.d), str(shape.s), route,
+                                                name, args.dtype])
             got = fn().double()
             err = float((got - want).abs().max() / want.abs().max())
             base_t = base_t or t

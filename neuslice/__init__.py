@@ -11,13 +11,16 @@ Profile a model once, slice it with any strategy and metric, and evaluate or mai
 from . import cka
 from .layers import find_layers, model_fingerprint
 from .masking import masked
+from .optim import MaskedOptimizer, trainable_fraction
 from .profile import ALL_METRICS, METRICS, Profile, profile
+from .restructure import restructure
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
 
 __version__ = "0.1.0"
 
 __all__ = [
     "cka", "profile", "Profile", "METRICS", "ALL_METRICS", "Slice", "global_slice",
-    "categorywise_slice", "semantic_slice", "random_slice", "masked", "find_layers",
+    "categorywise_slice", "semantic_slice", "random_slice", "masked", "restructure", "MaskedOptimizer",
+    "trainable_fraction", "find_layers",
     "model_fingerprint", "__version__",
 ]

@@ -1,0 +1,360 @@
+"""Train only part of a sliced model: an optimizer wrapper that freezes the other neurons.
+
+The paper uses slices for two kinds of maintenance:
+
+* *re-adaptation* (``train="critical"``): only the critical neurons of each sliced layer learn;
+* *incremental development* (``train="noncritical"``): the critical neurons are protected and
+  everything else learns; ``protect_classes`` additionally keeps the classifier rows of old
+  classes fixed while the rows of new classes learn.
+
+A neuron's parameters are its weight row (``Linear``) or filter (``Conv2d``), its bias entry and
+its entries in the BatchNorm right after the layer. Rule for every parameter **outside** the
+sliced layers' neurons (layers not in the slice, other norms, embeddings, ...):
+
+* ``train="critical"``: frozen, except the classifier head;
+* ``train="noncritical"``: trainable;
+* the classifier head (the last ``Linear``/``Conv2d`` run in ``forward``) is trainable in both
+  modes, except the rows (and bias entries) of ``protect_classes``, which are frozen. If the head
+  is itself one of the slice's layers, its slice rule applies too (a row trains only if both
+  allow it).
+
+BatchNorm running statistics of frozen channels (a sliced layer's frozen neurons; every channel
+of a frozen BatchNorm) are put back at every ``step()``, since a forward pass in train mode
+moves them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .layers import SLICEABLE_TYPES, find_layers
+from .slicing import Slice
+
+__all__ = ["MaskedOptimizer", "trainable_fraction", "TRAIN_CHOICES"]
+
+TRAIN_CHOICES = ("critical", "noncritical")
+
+
+@dataclass
+class _Plan:
+    """Per parameter: which rows (along dim 0) train; per norm: which channels are frozen."""
+
+    rows: dict[int, tuple[nn.Parameter, torch.Tensor]]  # id(param) -> (param, trainable rows)
+    norms: list[tuple[nn.Module, torch.Tensor]]  # (norm with running stats, frozen channels)
+    head: str
+
+
+def _check_train(train: Any) -> str:
+    if not isinstance(train, str) or train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}: "
+                         f"'critical' trains the slice's critical neurons (re-adaptation), "
+                         f"'noncritical' trains the others (incremental development).")
+    return train
+
+
+def _head_name(model: nn.Module) -> str:
+    """Name of the classifier head: the last Linear/Conv2d executed in ``forward``."""
+    sliceable = [n for n, m in model.named_modules() if isinstance(m, SLICEABLE_TYPES)]
+    try:
+        body = {l.name for l in find_layers(model)}
+    except ValueError:  # the only Linear/Conv2d layer is the head
+        body = set()
+    candidates = [n for n in sliceable if n not in body]
+    if len(candidates) > 1:  # layers never called in forward sort after the head
+        try:
+            candidates = [l.name for l in find_layers(model, candidates)]
+        except ValueError:
+            candidates = candidates[-1:]
+    return candidates[0]
+
+
+def _rows(n_rows: int, value: bool) -> torch.Tensor:
+    return torch.full((n_rows,), value, dtype=torch.bool)
+
+
+def _n_rows(p: torch.Tensor) -> int:
+    return p.shape[0] if p.dim() > 0 else 1
+
+
+def _plan(model: nn.Module, slice: Slice, train: str,
+          protect_classes: Iterable[int] | None) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(slice, Slice):
+        raise TypeError(f"slice must be a neuslice.Slice, got {type(slice).__name__}")
+    train = _check_train(train)
+    layers = slice.layers_of(model)  # ValueError when the slice was made for another model
+    modules = dict(model.named_modules())
+    head = _head_name(model)
+    head_mod = modules[head]
+    n_out = head_mod.out_features if isinstance(head_mod, nn.Linear) else head_mod.out_channels
+    protected = _protected(protect_classes, n_out, head)
+
+    explicit: dict[int, torch.Tensor] = {}
+
+    def assign(p: torch.Tensor | None, rows: torch.Tensor) -> None:
+        if p is None:
+            return
+        prev = explicit.get(id(p))
+        explicit[id(p)] = rows.clone() if prev is None else prev & rows  # tied: both must allow
+
+    norm_frozen: dict[int, torch.Tensor] = {}
+    for l in layers:
+        mask = slice.masks[l.name].detach().to(device="cpu", dtype=torch.bool).reshape(-1)
+        chosen = mask if train == "critical" else ~mask
+        for m in (l.module, l.norm_module):
+            if m is not None:
+                assign(getattr(m, "weight", None), chosen)
+                assign(getattr(m, "bias", None), chosen)
+        if l.norm_module is not None:
+            norm_frozen[id(l.norm_module)] = ~chosen
+    assign(head_mod.weight, ~protected)
+    assign(head_mod.bias, ~protected)
+
+    default = train == "noncritical"
+    rows = {}
+    for p in model.parameters():
+        rows[id(p)] = (p, explicit.get(id(p), _rows(_n_rows(p), default)))
+    norms = []
+    for m in model.modules():
+        if isinstance(m, _NormBase) and m.running_mean is not None:
+            frozen = norm_frozen.get(id(m), _rows(m.num_features, not default))
+            if bool(frozen.any()):
+                norms.append((m, frozen))
+    return _Plan(rows=rows, norms=norms, head=head)
+
+
+def _protected(protect_classes: Iterable[int] | None, n_out: int, head: str) -> torch.Tensor:
+    protected = _rows(n_out, False)
+    if protect_classes is None:
+        return protected
+    if isinstance(protect_classes, (str, bytes)) or not isinstance(protect_classes, Iterable):
+        raise TypeError(f"protect_classes must be an iterable of class indices (e.g. [0, 1, 2]) "
+                        f"or None, got {type(protect_classes).__name__}")
+    for c in protect_classes:
+        if isinstance(c, bool):
+            raise TypeError(f"protect_classes must hold integer class indices, got {c!r}")
+        try:
+            c = operator.index(c)
+        except TypeError:
+            raise TypeError(f"protect_classes must hold integer class indices, got {c!r}") from None
+        if not 0 <= c < n_out:
+            raise ValueError(f"protect_classes holds class {c}, but the head {head!r} has "
+                             f"{n_out} outputs; use indices in [0, {n_out}).")
+        protected[c] = True
+    return protected
+
+
+def trainable_fraction(model: nn.Module, slice: Slice, train: str = "critical",
+                       protect_classes: Iterable[int] | None = None) -> float:
+    """Fraction of the model's parameter entries that :class:`MaskedOptimizer` lets train
+    (the paper's training parameter ratio, TPR), under the rule in this module's docstring."""
+    plan = _plan(model, slice, train, protect_classes)
+    total = trainable = 0
+    for p, rows in plan.rows.values():
+        per_row = p.numel() // _n_rows(p) if p.numel() else 0
+        total += p.numel()
+        trainable += int(rows.sum()) * per_row
+    return trainable / total if total else 0.0
+
+
+@dataclass
+class _Entry:
+    param: nn.Parameter
+    idx: torch.Tensor | None  # frozen rows along dim 0; None = the whole tensor is frozen
+
+
+class MaskedOptimizer:
+    """Wrap any ``torch.optim`` optimizer so that only the chosen neurons' parameters change.
+
+    ``train="critical"`` trains the slice's critical neurons, ``"noncritical"`` the others; see
+    the module docstring for parameters outside the sliced layers and for ``protect_classes``
+    (class indices whose classifier-head rows stay frozen).
+
+    Frozen entries stay bit-identical whatever the optimizer does (momentum, coupled or
+    decoupled weight decay, Adam moments, ...): ``step()`` zeroes their gradients (fully frozen
+    parameters get ``grad=None``, so most optimizers skip them), snapshots them, runs the
+    wrapped optimizer and copies them back. Optimizer-state tensors of partly frozen parameters
+    (momentum buffers, moments) keep their frozen rows as they were before the step; on the very
+    first step they hold whatever the optimizer computes from a zero gradient. BatchNorm running
+    statistics of frozen channels are restored at each ``step()`` to their values when the
+    wrapper was built (call :meth:`sync` after loading new weights into the model).
+
+    Build the optimizer from ``model.parameters()`` (a subset is fine). For an LR scheduler pass
+    ``masked.optimizer``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, slice: Slice,
+                 train: str = "critical", protect_classes: Iterable[int] | None = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. "
+                            f"torch.optim.SGD(model.parameters(), lr=0.1)), got "
+                            f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.model = model
+        self.slice = slice
+        self.train = _check_train(train)
+        self.protect_classes = None if protect_classes is None else list(protect_classes)
+        self._plan = _plan(model, slice, train, self.protect_classes)
+        self._check_params(p for g in optimizer.param_groups for p in g["params"])
+        self._signature: tuple[int, ...] = ()
+        self._entries: list[_Entry] = []
+        self._refresh_entries()
+        self._norm_saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.sync()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _check_params(self, params: Iterable[torch.Tensor]) -> None:
+        params = list(params)
+        foreign = [p for p in params if id(p) not in self._plan.rows]
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} of the optimizer's {len(params)} parameters are not parameters "
+                f"of the model, so they cannot be masked by neuron; build the optimizer from "
+                f"model.parameters() (e.g. torch.optim.SGD(model.parameters(), lr=0.1)).")
+
+    def _group_signature(self) -> tuple[int, ...]:
+        return tuple(len(g["params"]) for g in self.optimizer.param_groups)
+
+    def _refresh_entries(self) -> None:
+        seen: set[int] = set()
+        entries = []
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                _, rows = self._plan.rows[id(p)]
+                if bool(rows.all()):
+                    continue
+                if not bool(rows.any()) or p.dim() == 0:
+                    entries.append(_Entry(p, None))
+                else:
+                    idx = (~rows).nonzero().reshape(-1).to(p.device)
+                    entries.append(_Entry(p, idx))
+        self._entries = entries
+        self._signature = self._group_signature()
+
+    def sync(self) -> None:
+        """Take the current running statistics of frozen BatchNorm channels as the values to
+        keep (done at construction; call again after loading new weights into the model)."""
+        saved = []
+        with torch.no_grad():
+            for m, frozen in self._plan.norms:
+                idx = frozen.nonzero().reshape(-1).to(m.running_mean.device)
+                saved.append((m, idx, m.running_mean.index_select(0, idx),
+                              m.running_var.index_select(0, idx)))
+        self._norm_saved = saved
+
+    # ---- the step ------------------------------------------------------------------------
+    @staticmethod
+    def _idx(e: _Entry) -> torch.Tensor:
+        if e.idx.device != e.param.device:  # the model was moved after the wrapper was built
+            e.idx = e.idx.to(e.param.device)
+        return e.idx
+
+    def _mask_grads(self) -> None:
+        with torch.no_grad():
+            for e in self._entries:
+                g = e.param.grad
+                if g is None:
+                    continue
+                if e.idx is None:
+                    e.param.grad = None
+                else:
+                    g.index_fill_(0, self._idx(e), 0)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of the wrapped optimizer; frozen entries and frozen BN statistics are kept."""
+        if self._group_signature() != self._signature:
+            self._check_params(p for g in self.optimizer.param_groups for p in g["params"])
+            self._refresh_entries()
+        self._mask_grads()
+        wrapped = None
+        if closure is not None:
+            def wrapped() -> Any:
+                with torch.enable_grad():
+                    loss = closure()
+                self._mask_grads()
+                return loss
+        saved = []
+        with torch.no_grad():
+            for e in self._entries:
+                p = e.param
+                if e.idx is None:
+                    saved.append((p.detach().clone(), None))
+                    continue
+                idx = self._idx(e)
+                state = {k: v.index_select(0, idx)
+                         for k, v in self.optimizer.state.get(p, {}).items()
+                         if isinstance(v, torch.Tensor) and v.shape == p.shape}
+                saved.append((p.detach().index_select(0, idx), state))
+        loss = self.optimizer.step() if wrapped is None else self.optimizer.step(wrapped)
+        with torch.no_grad():
+            for e, (values, state) in zip(self._entries, saved):
+                p = e.param
+                if e.idx is None:
+                    p.detach().copy_(values)
+                    continue
+                p.detach().index_copy_(0, e.idx, values)
+                current = self.optimizer.state.get(p, {})
+                for k, v in state.items():
+                    t = current.get(k)
+                    if isinstance(t, torch.Tensor) and t.shape == p.shape:
+                        t.index_copy_(0, e.idx, v)
+            for m, idx, mean, var in self._norm_saved:
+                if m.running_mean is not None:
+                    m.running_mean.index_copy_(0, idx.to(m.running_mean.device), mean.to(
+                        m.running_mean.device))
+                    m.running_var.index_copy_(0, idx.to(m.running_var.device), var.to(
+                        m.running_var.device))
+        return loss
+
+    # ---- delegation ----------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; its parameters must belong to the model."""
+        params = param_group.get("params", []) if isinstance(param_group, dict) else None
+        if params is None:
+            raise TypeError(f"param_group must be a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self._check_params(params)
+        self.optimizer.add_param_group({**param_group, "params": params})
+        self._refresh_entries()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def trainable_fraction(self) -> float:
+        """Fraction of the model's parameter entries this wrapper lets train."""
+        return trainable_fraction(self.model, self.slice, self.train, self.protect_classes)
+
+    def __repr__(self) -> str:
+        protect = "" if not self.protect_classes else f", protect_classes={self.protect_classes}"
+        return (f"MaskedOptimizer(train={self.train!r}{protect}, "
+                f"trainable={self.trainable_fraction():.1%} of parameters, "
+                f"optimizer={type(self.optimizer).__name__}, head={self._plan.head!r})")
