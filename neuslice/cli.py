@@ -71,6 +71,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    import time
+
+    from .reproduce import RQ2Config, format_rq2, run_rq2
+
+    if args.rq != "rq2":
+        print(f"neuslice reproduce {args.rq} is not available yet; rq2 is.", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    config = RQ2Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs)
+    text = format_rq2(run_rq2(config), args.setting)
+    print(text)
+    print(f"({time.perf_counter() - t0:.0f}s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"{args.rq}_{args.setting}.txt"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _info(_args: argparse.Namespace) -> int:
     from .info import main as info_main
 
@@ -91,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="neuslice-demo", help="output folder (default %(default)s)")
     d.add_argument("--cache-dir", default=None, help="trained-model cache folder")
     d.set_defaults(func=_demo)
+    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data")
+    r.add_argument("rq", choices=["rq2", "rq3", "rq4"])
+    r.add_argument("--setting", default="mlp-mnist", choices=["mlp-mnist", "mlp-digits",
+                                                             "cnn-mnist"])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--out", default=None, help="folder to write the table to")
+    r.set_defaults(func=_reproduce)
     i = sub.add_parser("info", help="print versions and which op backends are live")
     i.set_defaults(func=_info)
     return p

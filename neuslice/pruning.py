@@ -356,7 +356,8 @@ def _accuracy(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float
 def iterative_prune(model: nn.Module, method: str, evaluate: Callable[[nn.Module], float],
                     finetune: Optional[Callable[[nn.Module], object]],
                     amount: float = 0.2, tolerance: float = 0.01, max_rounds: int = 20,
-                    layers: Optional[Iterable[LayerSpec]] = None) -> PruneReport:
+                    layers: Optional[Iterable[LayerSpec]] = None,
+                    reference_accuracy: Optional[float] = None) -> PruneReport:
     """Prune-finetune-evaluate rounds until accuracy drops more than ``tolerance``.
 
     Each round calls :func:`prune_weights` with ``amount``, then ``finetune(model)`` (skipped if
@@ -364,7 +365,8 @@ def iterative_prune(model: nn.Module, method: str, evaluate: Callable[[nn.Module
     ``original_accuracy - tolerance`` the round is reverted (the state dict, including
     ``weight_orig``/``weight_mask``, is snapshot before every round and loaded back in place) and
     the loop stops; it also stops after ``max_rounds`` kept rounds. ``model`` is modified in place
-    and ends as the last acceptable model.
+    and ends as the last acceptable model. ``reference_accuracy`` replaces the model's own
+    starting accuracy in the stopping rule (e.g. the unrestructured model's accuracy).
     """
     method = _check_method(method)
     amount = _check_amount(amount)
@@ -392,7 +394,8 @@ def iterative_prune(model: nn.Module, method: str, evaluate: Callable[[nn.Module
             finetune(model)
         acc = _accuracy(evaluate, model)
         history.append((r, sparsity(model), acc))
-        if acc < original - tolerance:
+        reference = original if reference_accuracy is None else reference_accuracy
+        if acc < reference - tolerance:
             _restore(model, snap)
             break
         accuracy, kept = acc, r
