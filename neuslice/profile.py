@@ -506,12 +506,17 @@ def profile(
     timings["total"] = time.perf_counter() - start
     counts = states[sliced[0].name].moments.count.tolist()
     need = 2 if all(r == "feature" for r in routes.values()) else 4
-    small = [k for k, n in enumerate(counts) if n < need]
+    small = [k for k, n in enumerate(counts) if 0 < n < need]  # absent ones: no warning
     if hsic and small:
         warnings.append(f"categories {small} have fewer than {need} samples "
                         f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
                         f"slicing skips them.")
         logger.warning(warnings[-1])
+    absent = [k for k, n in enumerate(counts) if n == 0]
+    if absent:  # expected when profiling a subset of the classes (e.g. one task)
+        warnings.append(f"categories {absent} have no samples in this data; they get no "
+                        f"scores of their own and slicing skips them.")
+        logger.info(warnings[-1])
     return Profile(layers=[l.name for l in sliced],
                    num_neurons={l.name: l.num_neurons for l in sliced},
                    num_classes=num_classes, metrics=metrics, fingerprint=fingerprint,
