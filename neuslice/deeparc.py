@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._hooks import hooks_at, module_modes
+from ._progress import progress as progress_bar
 from .cka import hsic
 from .layers import SlicedLayer, find_layers
 
@@ -109,17 +110,6 @@ def _batch_inputs(batch: Any, index: int) -> torch.Tensor:
     return x
 
 
-def _progress(loader: Iterable, enabled: bool) -> Iterable:
-    if not enabled:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return loader
-    total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc="neuslice.deeparc", unit="batch", leave=False)
-
-
 # --------------------------------------------------------------------------- similarities
 def _gram(layer: SlicedLayer, out: torch.Tensor) -> torch.Tensor:
     """float64 linear Gram of the (post-processed, per-sample flattened, centred) output."""
@@ -184,7 +174,7 @@ def layer_similarities(
 
     points = [(l.hook_module, l.call_index, capture(i, l)) for i, l in enumerate(sliced)]
     used = skipped = 0
-    bar = _progress(loader, progress)
+    bar = progress_bar(loader, progress, "neuslice.deeparc")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import progress as progress_bar
 from .masking import masked
 from .profile import METRICS, Profile
 from .train import evaluate
@@ -86,12 +87,8 @@ def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepCo
             jobs.append(("semantic", metric, t))
     makers = {"global": global_slice, "categorywise": categorywise_slice,
               "semantic": semantic_slice}
-    it = jobs
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(jobs, desc="masking sweep", unit="slice", leave=False)
     rows = []
-    for strategy, metric, setting in it:
+    for strategy, metric, setting in progress_bar(jobs, progress, "masking sweep", "slice"):
         sl = makers[strategy](profile, metric, setting)
         rows.append(_evaluate_slice(model, sl, x, y, strategy, metric, setting, config))
     return base, rows

@@ -29,7 +29,6 @@ import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
@@ -39,6 +38,7 @@ from .masking import masked
 from .optim import MaskedOptimizer, _head_name
 from .profile import profile
 from .slicing import Slice, categorywise_slice, global_slice, semantic_slice
+from .train import fit_epochs
 
 __all__ = ["split_tasks", "learn_task", "task_logits", "task_accuracy", "union_slice",
            "make_slicer", "incremental_run", "slice_bytes", "replay_bytes", "replay_subset",
@@ -298,23 +298,7 @@ def learn_task(model: nn.Module, train_set: Dataset, classes: Sequence[int],
         opt = MaskedOptimizer(opt, model, frozen_slice, train="noncritical",
                               protect_classes=protect)
     loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed)
-    losses: list[float] = []
-    model.train()
-    try:
-        for _ in range(epochs):
-            total, count = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(dev), y.to(dev)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(y)
-                count += len(y)
-            losses.append(total / count)
-    finally:
-        model.eval()
-    return losses
+    return fit_epochs(model, loader, opt, epochs, dev)
 
 
 @torch.no_grad()

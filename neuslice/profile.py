@@ -22,6 +22,7 @@ from torch import nn
 
 from . import cka
 from ._hooks import hooks_at, module_modes
+from ._progress import progress as progress_bar
 from ._io import atomic_torch_save
 from .deeplift import rescale_rule
 from .layers import SlicedLayer, find_layers, model_fingerprint
@@ -450,7 +451,7 @@ def profile(
     states = {l.name: _LayerState(l, num_classes, metrics, device) for l in sliced}
     timings = {"forward": 0.0, "deeplift": 0.0}
     input_shape = None
-    bar = _progress(loader, progress)
+    bar = progress_bar(loader, progress, "neuslice.profile")
     start = time.perf_counter()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -523,14 +524,4 @@ def profile(
                    input_shape=input_shape, tensors=tensors, hsic_routes=routes,
                    warnings=warnings, timings=timings)
 
-
-def _progress(loader, enabled: bool):
-    if not enabled:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return loader
-    total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc="neuslice.profile", unit="batch", leave=False)
 

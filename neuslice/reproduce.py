@@ -17,14 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import categorywise_slice, global_slice, profile, semantic_slice
 from .data import make_loader
 from .pruning import iterative_prune
 from .restructure import restructure
-from .train import cached_model, evaluate
+from .train import cached_model, evaluate, fit_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +79,9 @@ class RQ2Row:
 def _finetuner(train_set, epochs: int, lr: float, seed: int):
     def finetune(model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
         loader = make_loader(train_set, batch_size=128, shuffle=True, seed=seed)
         was = model.training
-        model.train()
-        for _ in range(epochs):
-            for x, y in loader:
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
+        fit_epochs(model, loader, torch.optim.Adam(params, lr=lr), epochs)
         model.train(was)
     return finetune
 

@@ -25,7 +25,7 @@ from .models import MODELS, build_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["seed_everything", "train_classifier", "evaluate", "default_cache_dir", "cached_model"]
+__all__ = ["seed_everything", "fit_epochs", "train_classifier", "evaluate", "default_cache_dir", "cached_model"]
 
 
 def seed_everything(seed: int) -> None:
@@ -47,6 +47,34 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def fit_epochs(model: nn.Module, loader, optimizer, epochs: int,
+               device: torch.device | None = None, progress: bool = False,
+               desc: str = "train") -> list[float]:
+    """Cross-entropy training epochs with ``optimizer`` (any object with ``zero_grad``/``step``);
+    returns the mean loss of each epoch. The model is in train mode during, eval mode after."""
+    losses: list[float] = []
+    model.train()
+    try:
+        bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+        for epoch in bar:
+            total, count = 0.0, 0
+            for x, y in loader:
+                if device is not None:
+                    x, y = x.to(device), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(y)
+                count += len(y)
+            losses.append(total / max(count, 1))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            logger.debug("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, losses[-1])
+    finally:
+        model.eval()
+    return losses
 
 
 def train_classifier(
@@ -80,22 +108,7 @@ def train_classifier(
     dev = _resolve_device(device)
     model.to(dev)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
-    model.train()
-    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(dev), y.to(dev)
-            optimiser.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(y)
-            count += len(y)
-        losses.append(total / count)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        logger.debug("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, losses[-1])
+    losses = fit_epochs(model, loader, optimiser, epochs, dev, progress=progress)
     model.eval()
     return model, losses
 

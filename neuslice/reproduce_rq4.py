@@ -1,0 +1,224 @@
+"""Reproduction of the paper's incremental-development experiment (RQ4, Table 7).
+
+Scenarios: ``ab`` (task A = classes 0-4, then B = 5-9) and ``abc`` (A = 0-2, B = 3-5,
+C = 6-9) on one shared 10-way MLP. Methods, in the paper's order: ``original`` (A only),
+``retrain`` (all data), ``replay5/10/100``, ``deeparc`` (after A, train only the layers DeepArc
+finds redundant plus the head rows of the new classes), ``global`` and ``categorywise`` slicing
+(slices matched in size to the semantic one, task by task), ``neusemslice`` and
+``neusemslice+replay10``. Reported per task: task-aware accuracy (union of the earlier tasks'
+masks for slice methods, argmax over the task's own classes, as the paper does) and overall
+task-agnostic accuracy (no mask, argmax over all learned classes), mean ± std over seeds, plus
+the bytes kept besides the model (saved slices vs replay buffers).
+
+Runtime: ``mlp-mnist``, 3 seeds, both scenarios, 10 epochs takes about 3 minutes on a 2-core
+CPU (see the report in the project notes; measured with ``time``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .data import load_digits, load_mnist5k, make_loader
+from .deeparc import deeparc, freeze_except
+from .incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
+                          task_accuracy_any)
+from .models import MLP
+from .profile import profile
+from .reproduce import _matched_categorywise, _ms
+from .slicing import Slice, global_slice, semantic_slice
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RQ4_SETTINGS", "SCENARIOS", "RQ4_METHODS", "RQ4Config", "run_rq4", "format_rq4",
+           "PAPER_RQ4"]
+
+RQ4_SETTINGS = {"mlp-mnist": (load_mnist5k, 784), "mlp-digits": (load_digits, 64)}
+SCENARIOS = {"ab": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+             "abc": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}
+#: (method key, label in the table), in the paper's row order.
+RQ4_METHODS = (("original", "Original"), ("retrain", "Retrain"), ("replay5", "Replay 5%"),
+               ("replay10", "Replay 10%"), ("replay100", "Replay 100%"),
+               ("deeparc", "DeepArc"), ("global", "Global slicing"),
+               ("categorywise", "Category-wise slicing"), ("neusemslice", "NeuSemSlice"),
+               ("neusemslice+replay10", "NeuSemSlice+Replay 10%"))
+
+# Table 7 of the paper is not machine-readable in this repository's copy of the paper, so no
+# numbers are given here (none are invented); format_rq4 prints a "paper" column only for
+# entries added as {setting: {scenario: {label: [per-task %]}}}.
+PAPER_RQ4: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class RQ4Config:
+    setting: str = "mlp-mnist"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 10
+    lr: float = 1e-3
+    metric: str = "taylor"
+    threshold: float = 0.95  # NeuSemSlice CKA threshold
+    scenario: str = "both"  # "ab", "abc" or "both"
+    hidden: tuple[int, ...] = (512, 256)
+    deeparc_threshold: float = 0.99  # DeepArc's own consecutive-layer CKA threshold
+
+    def __post_init__(self):
+        if self.setting not in RQ4_SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; "
+                             f"choose from {sorted(RQ4_SETTINGS)}")
+        if self.scenario not in ("ab", "abc", "both"):
+            raise ValueError(f"unknown scenario {self.scenario!r}; choose 'ab', 'abc' or 'both'")
+        if not self.seeds:
+            raise ValueError("RQ4Config.seeds must not be empty")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
+
+    @property
+    def scenarios(self) -> list[str]:
+        return ["ab", "abc"] if self.scenario == "both" else [self.scenario]
+
+
+def _slicer(kind: str, metric: str, threshold: float) -> Callable[..., Slice]:
+    """Profile the model on a task's data; slice it semantically (CKA ``threshold``), or with
+    a global / category-wise slice of the same total size."""
+    def slicer(model: nn.Module, dataset: Dataset, classes: Sequence[int]) -> Slice:
+        prof = profile(model, make_loader(dataset, batch_size=256), num_classes=10,
+                       metrics=(metric,), progress=False)
+        sem = semantic_slice(prof, metric, threshold)
+        if kind == "semantic":
+            return sem
+        size = sum(sem.kept().values())
+        if kind == "global":
+            return global_slice(prof, metric, size / sum(sem.sizes().values()))
+        return _matched_categorywise(prof, metric, size)
+    return slicer
+
+
+def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
+                 seed: int) -> list[dict[str, Any]]:
+    """DeepArc baseline: learn task A normally; for later tasks train only the layers DeepArc
+    (run on task A's data) marks redundant plus the head rows of the new classes."""
+    model = factory()
+    kw = dict(epochs=config.epochs, lr=config.lr)
+    learn_task(model, train_sets[0], groups[0], seed=seed, **kw)
+    mods = deeparc(model, make_loader(train_sets[0], batch_size=256),
+                   threshold=config.deeparc_threshold)
+    at_learning = {0: task_accuracy(model, test_sets[0], groups[0])}
+    head = model.head
+    for t in range(1, len(groups)):
+        freeze_except(model, mods.redundant)
+        new_rows = torch.zeros(head.out_features, dtype=torch.bool)
+        new_rows[list(groups[t])] = True
+        head.weight.requires_grad_(True)
+        head.bias.requires_grad_(True)
+        hooks = [head.weight.register_hook(lambda g: g * new_rows[:, None].to(g)),
+                 head.bias.register_hook(lambda g: g * new_rows.to(g))]
+        try:  # frozen parameters get no grad; Adam skips them (fresh optimiser per task)
+            learn_task(model, train_sets[t], groups[t], seed=seed + t, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+            for p in model.parameters():
+                p.requires_grad_(True)
+        at_learning[t] = task_accuracy(model, test_sets[t], groups[t])
+    seen = [c for g in groups for c in g]
+    rows, n_total, aware_total, agn_total = [], 0, 0.0, 0.0
+    for t, (te, g) in enumerate(zip(test_sets, groups)):
+        aware = task_accuracy(model, te, g)
+        agn = task_accuracy_any(model, te, seen)
+        n = len(te)
+        rows.append({"method": "deeparc", "task": t, "classes": list(g), "n_test": n,
+                     "task_aware": aware, "task_agnostic": agn, "masked": False,
+                     "learned": True, "task_aware_at_learning": at_learning[t],
+                     "forgetting": at_learning[t] - aware})
+        n_total += n
+        aware_total += aware * n
+        agn_total += agn * n
+    rows.append({"method": "deeparc", "task": "overall", "classes": seen, "n_test": n_total,
+                 "task_aware": aware_total / n_total, "task_agnostic": agn_total / n_total,
+                 "memory_bytes": 0, "redundant_layers": list(mods.redundant)})
+    return rows
+
+
+def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict[str, Any]]:
+    """Run every method on every scenario and seed; the rows of :func:`incremental_run`
+    tagged with ``scenario``, ``seed`` and ``label``."""
+    loader, in_features = RQ4_SETTINGS[config.setting]
+    out: list[dict[str, Any]] = []
+    for seed in config.seeds:
+        t0 = time.perf_counter()
+        train, test = loader(seed=seed)
+
+        def factory(seed=seed):
+            torch.manual_seed(seed)
+            return MLP(in_features, config.hidden, 10)
+
+        for scenario in config.scenarios:
+            groups = SCENARIOS[scenario]
+            tr, te = split_tasks(train, groups), split_tasks(test, groups)
+            for method, label in RQ4_METHODS:
+                if method == "deeparc":
+                    rows = _deeparc_run(factory, tr, te, groups, config, seed)
+                else:
+                    kind = {"global": "global", "categorywise": "categorywise"}.get(
+                        method, "semantic")
+                    run_method = "neusemslice" if method in ("global", "categorywise") \
+                        else method
+                    rows = incremental_run(factory, tr, te, groups, run_method,
+                                           slicer=_slicer(kind, config.metric, config.threshold),
+                                           epochs=config.epochs, lr=config.lr, seed=seed)
+                for r in rows:
+                    r.update(method=method, label=label, scenario=scenario, seed=seed)
+                out.extend(rows)
+        if progress:
+            logger.warning("rq4 %s seed %d done in %.0fs", config.setting, seed,
+                           time.perf_counter() - t0)
+    return out
+
+
+def format_rq4(rows: list[dict[str, Any]], setting: str) -> str:
+    """One table per scenario: methods × (task-aware accuracy per task, overall task-aware,
+    overall task-agnostic, memory bytes), mean±std over seeds (accuracies in %)."""
+    paper = PAPER_RQ4.get(setting, {})
+    blocks = []
+    for scenario in [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]:
+        rs = [r for r in rows if r["scenario"] == scenario]
+        n_tasks = len(SCENARIOS[scenario])
+        names = "ABC"[:n_tasks]
+        seeds = sorted({r["seed"] for r in rs})
+        head = (f"{'method':<24}" + "".join(f"{'aware ' + n + ' %':>14}" for n in names)
+                + f"{'aware all %':>14}{'agnostic %':>14}{'memory B':>12}"
+                + ("   | paper" if paper.get(scenario) else ""))
+        lines = [f"RQ4 incremental development, {setting}, scenario "
+                 f"{'→'.join(names)} ({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} "
+                 f"classes): mean±std over {len(seeds)} seeds", head, "-" * len(head)]
+        for method, label in RQ4_METHODS:
+            mr = [r for r in rs if r["method"] == method]
+            if not mr:
+                continue
+            line = f"{label:<24}"
+            for t in range(n_tasks):
+                line += f"{_ms([r['task_aware'] for r in mr if r['task'] == t], 100):>14}"
+            overall = [r for r in mr if r["task"] == "overall"]
+            line += (f"{_ms([r['task_aware'] for r in overall], 100):>14}"
+                     f"{_ms([r['task_agnostic'] for r in overall], 100):>14}"
+                     f"{statistics.fmean(r['memory_bytes'] for r in overall):>12.0f}")
+            if label in paper.get(scenario, {}):
+                line += "   | " + " ".join(f"{v:.2f}" for v in paper[scenario][label])
+            lines.append(line)
+        red = {tuple(r.get("redundant_layers", ())) for r in rs
+               if r["method"] == "deeparc" and r["task"] == "overall"}
+        if red:
+            desc = "; ".join(", ".join(x) if x else "none" for x in sorted(red))
+            lines.append(f"DeepArc redundant layers (trained for later tasks besides the new "
+                         f"head rows): {desc}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
