@@ -1,0 +1,41 @@
+"""Smoke test of the RQ3 (re-adaptation) reproduction on the small digits data."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torchattacks")
+pytest.importorskip("sklearn")
+
+from neuslice.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3  # noqa: E402
+
+
+def test_rq3_digits_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path))
+    config = RQ3Config(setting="mlp-digits", seeds=(0,), epochs=3, readapt_epochs=1,
+                       attacks=("fgsm",), n_adv_train=200, n_adv_test=200)
+    rows = run_rq3(config, progress=False)
+    assert set(rows) == {(m, "fgsm") for m in METHODS}
+    for row in rows.values():
+        assert len(row.tpr) == len(row.ra) == len(row.raa) == 1
+        assert 0 < row.tpr[0] <= 1
+        assert 0 <= row.ra[0] <= 1 and 0 <= row.raa[0] <= 1
+        assert 0 <= row.original_adv[0] <= 1
+    assert rows[("Full training", "fgsm")].tpr[0] == 1.0
+    assert rows[("NeuSemSlice", "fgsm")].tpr[0] < 1.0
+    assert (rows[("NeuSemSlice+DeepArc", "fgsm")].tpr[0]
+            <= rows[("NeuSemSlice", "fgsm")].tpr[0] + 1e-12)
+    text = format_rq3(rows, "mlp-digits")
+    for method in METHODS:
+        assert method in text
+    assert "original model" in text
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"setting": "cnn-cifar"}, {"seeds": ()}, {"attacks": ("cw",)}, {"attacks": ()},
+    {"n_adv_train": 0}, {"readapt_epochs": 0}, {"fgsm_eps": 1.5}, {"pgd_eps": 0.0},
+    {"lr": 0.0}, {"deeparc_threshold": 0.0},
+])
+def test_rq3_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        RQ3Config(**kwargs)
