@@ -74,14 +74,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     import time
 
-    from .reproduce import RQ2Config, format_rq2, run_rq2
-
-    if args.rq != "rq2":
-        print(f"neuslice reproduce {args.rq} is not available yet; rq2 is.", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    config = RQ2Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs)
-    text = format_rq2(run_rq2(config), args.setting)
+    if args.rq == "rq2":
+        from .reproduce import RQ2Config as Config, format_rq2 as fmt, run_rq2 as run
+    elif args.rq == "rq3":
+        from .reproduce_rq3 import RQ3Config as Config, format_rq3 as fmt, run_rq3 as run
+    else:
+        from .reproduce_rq4 import RQ4Config as Config, format_rq4 as fmt, run_rq4 as run
+    try:
+        config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs)
+    except ValueError as exc:
+        print(f"neuslice reproduce {args.rq}: {exc}", file=sys.stderr)
+        return 2
+    text = fmt(run(config), args.setting)
     print(text)
     print(f"({time.perf_counter() - t0:.0f}s)")
     if args.out:

@@ -36,3 +36,8 @@ def test_demo_on_digits_writes_table_plot_and_slices(tmp_path, capsys):
 def test_info_prints_versions(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_reproduce_rejects_unsupported_setting(capsys):
+    assert main(["reproduce", "rq4", "--setting", "cnn-mnist"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
