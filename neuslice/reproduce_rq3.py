@@ -52,11 +52,13 @@ __all__ = ["RQ3_SETTINGS", "RQ3_EPS", "METHODS", "RQ3Config", "RQ3Row", "run_rq3
 
 # setting -> (model, dataset, normalisation mean, std)
 RQ3_SETTINGS = {"mlp-mnist": ("mlp", "mnist5k", MNIST_MEAN, MNIST_STD),
-                "mlp-digits": ("mlp", "digits", DIGITS_MEAN, DIGITS_STD)}
+                "mlp-digits": ("mlp", "digits", DIGITS_MEAN, DIGITS_STD),
+                "cnn-mnist": ("cnn", "mnist5k", MNIST_MEAN, MNIST_STD)}
 # Attack budgets (pixel units) per setting, chosen so that the original model's accuracy drops
 # roughly as in the paper (FGSM to ~18.5%, PGD to ~3.8%): on mnist5k FGSM 0.1 gives ~25% and PGD
 # 0.15 (10 steps) a few %; the 8x8 digits need larger budgets.
-RQ3_EPS = {"mlp-mnist": {"fgsm": 0.1, "pgd": 0.15}, "mlp-digits": {"fgsm": 0.15, "pgd": 0.2}}
+RQ3_EPS = {"mlp-mnist": {"fgsm": 0.1, "pgd": 0.15}, "mlp-digits": {"fgsm": 0.15, "pgd": 0.2},
+           "cnn-mnist": {"fgsm": 0.1, "pgd": 0.15}}
 METHODS = ("Full training", "DeepArc", "Global slicing", "Category-wise slicing", "NeuSemSlice",
            "NeuSemSlice+DeepArc")
 

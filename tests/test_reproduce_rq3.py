@@ -39,3 +39,10 @@ def test_rq3_digits_smoke(tmp_path, monkeypatch):
 def test_rq3_bad_config(kwargs):
     with pytest.raises(ValueError):
         RQ3Config(**kwargs)
+
+
+def test_rq3_accepts_the_cnn_setting():
+    from neuslice.reproduce_rq3 import RQ3_EPS, RQ3Config
+
+    assert RQ3Config(setting="cnn-mnist").setting == "cnn-mnist"
+    assert set(RQ3_EPS["cnn-mnist"]) == {"fgsm", "pgd"}
