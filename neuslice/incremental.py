@@ -22,7 +22,6 @@ rules without any mask.
 from __future__ import annotations
 
 import math
-import operator
 import os
 import re
 import tempfile
@@ -35,7 +34,7 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 from ._hooks import module_modes
 from .data import make_loader
 from .masking import masked
-from .optim import MaskedOptimizer, _head_name
+from .optim import MaskedOptimizer, _head_name, class_index
 from .profile import profile
 from .slicing import Slice, categorywise_slice, global_slice, semantic_slice
 from .train import fit_epochs
@@ -66,13 +65,7 @@ def _check_groups(class_groups: Any) -> list[list[int]]:
                             f"got {type(g).__name__}")
         group = []
         for c in g:
-            if isinstance(c, bool):
-                raise TypeError(f"class group {t} holds {c!r}; class indices must be ints")
-            try:
-                c = operator.index(c)
-            except TypeError:
-                raise TypeError(f"class group {t} holds {c!r}; class indices must be ints") \
-                    from None
+            c = class_index(c, f"class group {t}")
             if c < 0:
                 raise ValueError(f"class group {t} holds the negative class index {c}")
             if c in seen:

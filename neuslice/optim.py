@@ -130,6 +130,16 @@ def _plan(model: nn.Module, slice: Slice, train: str,
     return _Plan(rows=rows, norms=norms, head=head)
 
 
+def class_index(value, where: str) -> int:
+    """``value`` as a class index (an int, not a bool); ``TypeError`` naming ``where``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{where} holds {value!r}; class indices must be ints")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where} holds {value!r}; class indices must be ints") from None
+
+
 def _protected(protect_classes: Iterable[int] | None, n_out: int, head: str) -> torch.Tensor:
     protected = _rows(n_out, False)
     if protect_classes is None:
@@ -138,12 +148,7 @@ def _protected(protect_classes: Iterable[int] | None, n_out: int, head: str) -> 
         raise TypeError(f"protect_classes must be an iterable of class indices (e.g. [0, 1, 2]) "
                         f"or None, got {type(protect_classes).__name__}")
     for c in protect_classes:
-        if isinstance(c, bool):
-            raise TypeError(f"protect_classes must hold integer class indices, got {c!r}")
-        try:
-            c = operator.index(c)
-        except TypeError:
-            raise TypeError(f"protect_classes must hold integer class indices, got {c!r}") from None
+        c = class_index(c, "protect_classes")
         if not 0 <= c < n_out:
             raise ValueError(f"protect_classes holds class {c}, but the head {head!r} has "
                              f"{n_out} outputs; use indices in [0, {n_out}).")

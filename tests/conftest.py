@@ -96,8 +96,8 @@ class ReusedReLUMLP(nn.Module):
         return self.head(self.relu(self.fc2(self.relu(self.fc1(x)))))
 
 
-class ReusedReLUCNN(nn.Module):
-    """The conv net of :func:`make_cnn` with one in-place ReLU module reused three times."""
+class _TwinCNNLayers(nn.Module):
+    """The layers of :func:`make_cnn`; subclasses differ only in how ``forward`` uses them."""
 
     def __init__(self):
         super().__init__()
@@ -107,6 +107,13 @@ class ReusedReLUCNN(nn.Module):
         self.bn2 = nn.BatchNorm2d(5)
         self.fc1 = nn.Linear(5 * 3 * 3, 6)
         self.head = nn.Linear(6, NUM_CLASSES)
+
+
+class ReusedReLUCNN(_TwinCNNLayers):
+    """The conv net of :func:`make_cnn` with one in-place ReLU module reused three times."""
+
+    def __init__(self):
+        super().__init__()
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -116,17 +123,8 @@ class ReusedReLUCNN(nn.Module):
         return self.head(x)
 
 
-class FunctionalCNN(nn.Module):
+class FunctionalCNN(_TwinCNNLayers):
     """The conv net of :func:`make_cnn` with F.relu / torch.flatten in forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.fc1 = nn.Linear(5 * 3 * 3, 6)
-        self.head = nn.Linear(6, NUM_CLASSES)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
