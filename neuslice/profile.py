@@ -2,50 +2,48 @@
 
 For every sliced layer and every category: the per-sample neuron values' mean and variance (the
 Avg, Var and Ens metrics), the Taylor and DeepLIFT contributions, and the neuron-HSIC matrix M of
-the layer (``neuslice.cka``), from which the CKA of any neuron subset follows. Memory does not
-grow with the number of samples.
+the layer (``neuslice.cka``), from which the CKA of any neuron subset follows -- or, to bound
+memory at many categories, only the CKA prefix curves semantic slicing reads. Memory does not
+grow with the number of samples and is estimated before anything is allocated
+(``neuslice.memory``). The pass can be spread over the ranks of ``torch.distributed``
+(``neuslice.distributed``), checkpointed and resumed (``neuslice.checkpoint``), and run under
+autocast.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint as ckpt
 from . import cka
-from ._hooks import hooks_at, module_modes
-from ._progress import progress as progress_bar
+from ._hooks import module_modes
 from ._io import atomic_torch_save
-from .deeplift import rescale_rule
-from .layers import SlicedLayer, find_layers, model_fingerprint
-from .stats import ACC, CovarianceAccumulator, MinibatchHSICAccumulator, MomentAccumulator
+from ._layer_state import LayerState
+from ._passes import deeplift_pass, forward_pass, probe_positions, split_batch, work_dtype
+from ._progress import progress as progress_bar
+from ._scores import ALL_METRICS, METRICS, check_metrics, ranking, scorable, score
+from .distributed import active_reducer
+from .layers import find_layers, model_fingerprint
+from .memory import GiB, MemoryBudgetError, estimate
+from .stats import ACC
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["profile", "Profile", "METRICS", "ALL_METRICS"]
+__all__ = ["profile", "Profile", "METRICS", "ALL_METRICS", "estimate_profile_memory"]
 
-METRICS = ("avg", "var", "ens", "taylor", "deeplift")
-ALL_METRICS = METRICS + ("taylor_act",)
 _FORMAT = "neuslice.profile"
-_VERSION = 1
-
-
-def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(metrics, str):
-        metrics = (metrics,)
-    metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}.")
-    return metrics
+_VERSION = 2
+_check_metrics = check_metrics
 
 
 @dataclass
@@ -85,45 +83,49 @@ class Profile:
 
     def scores(self, layer: str, metric: str, category: int | None = None) -> torch.Tensor:
         """Contribution score of every neuron of ``layer`` on category ``category`` (or all data)."""
-        _check_metrics([metric])
+        check_metrics([metric])
         self._check_category(category)
-        if metric not in self.metrics and not (metric == "ens" and {"avg", "var"} <= set(self.metrics)):
+        if metric not in scorable(self.metrics):
             raise ValueError(
                 f"metric {metric!r} was not profiled (profiled: {list(self.metrics)}); "
                 f"profile again with metrics including {metric!r}.")
-        count, mean, m2 = self._t(layer, "count"), self._t(layer, "mean"), self._t(layer, "m2")
-        if category is None:
-            n = count.sum()
-            total_mean = (mean * count.unsqueeze(1)).sum(0) / n.clamp(min=1)
-            dev = mean - total_mean
-            total_m2 = m2.sum(0) + (dev * dev * count.unsqueeze(1)).sum(0)
-            n_, mean_, m2_ = n, total_mean, total_m2
-        else:
-            n_, mean_, m2_ = count[category], mean[category], m2[category]
-        if metric == "avg":
-            return mean_
-        if metric == "var":
-            return m2_ / (n_ - 1).clamp(min=1)
-        if metric == "ens":
-            return _minmax(self.scores(layer, "avg", category)) + _minmax(
-                self.scores(layer, "var", category))
-        if metric == "taylor":
-            if category is None:
-                s, b = self._t(layer, "taylor_all"), self._t(layer, "taylor_all_batches")
-            else:
-                s, b = self._t(layer, "taylor")[category], self._t(layer, "taylor_batches")[category]
-            return s / b.clamp(min=1)
-        sums = self._t(layer, metric)  # deeplift, taylor_act: per-sample means
-        if category is None:
-            return sums.sum(0) / n_.clamp(min=1)
-        return sums[category] / n_.clamp(min=1)
+        self._t(layer, "count")
+        return score(lambda key: self._t(layer, key), metric, category)
+
+    @property
+    def keeps_hsic(self) -> bool:
+        """True if the full neuron-HSIC matrices were kept (else only CKA prefix curves)."""
+        return any(k.endswith(".hsic") for k in self.tensors)
 
     def hsic(self, layer: str, category: int) -> torch.Tensor | None:
         """Neuron-HSIC matrix of ``layer`` on ``category``, or None if it had too few samples."""
         self._check_category(category)
+        if not self.keeps_hsic:
+            raise ValueError("this profile kept only the CKA prefix curves (keep_hsic=False), not "
+                             "the HSIC matrices; use Profile.curve, or profile again with "
+                             "keep_hsic=True.")
         if float(self._t(layer, "hsic_weight")[category]) <= 0:
             return None
         return self._t(layer, "hsic")[category]
+
+    def curve(self, layer: str, metric: str, category: int) -> torch.Tensor | None:
+        """CKA with the whole layer of every top-``k`` prefix of the neurons ranked by ``metric``
+        on ``category`` (``k = 1..d``), or None if the category had too few samples."""
+        self._check_category(category)
+        if not self.hsic_routes:
+            raise ValueError("this profile has no neuron-HSIC statistics (it was made with "
+                             "hsic=False); profile again with hsic=True.")
+        order = ranking(self.scores(layer, metric, category))
+        if self.keeps_hsic:
+            m = self.hsic(layer, category)
+            return None if m is None else cka.prefix_curve(m, order)
+        if float(self._t(layer, "hsic_weight")[category]) <= 0:
+            return None
+        key = f"{layer}.curve.{metric}"
+        if key not in self.tensors:
+            raise ValueError(f"this profile stored no CKA curves for metric {metric!r} (it has "
+                             f"{sorted(k.split('.curve.')[1] for k in self.tensors if '.curve.' in k and k.startswith(layer + '.'))}).")
+        return self.tensors[key][category]
 
     def __repr__(self) -> str:
         n = int(self.counts().sum())
@@ -137,7 +139,8 @@ class Profile:
                 "num_neurons": self.num_neurons, "num_classes": self.num_classes,
                 "metrics": list(self.metrics), "fingerprint": self.fingerprint,
                 "input_shape": self.input_shape, "hsic_routes": self.hsic_routes,
-                "warnings": self.warnings, "timings": self.timings}
+                "warnings": self.warnings, "timings": self.timings,
+                "keep_hsic": self.keeps_hsic}
         atomic_torch_save({"meta": json.dumps(meta), "tensors": self.tensors}, path)
 
     @classmethod
@@ -155,7 +158,7 @@ class Profile:
             raise ValueError(
                 f"{path} is not a readable neuslice profile (corrupt or truncated file?): "
                 f"{type(exc).__name__}: {exc}. Re-run neuslice.profile to recreate it.") from exc
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        if meta.get("format") != _FORMAT or meta.get("version") not in (1, _VERSION):
             raise ValueError(f"{path} is not a neuslice profile (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r}).")
         try:
@@ -170,7 +173,9 @@ class Profile:
                              f"({type(exc).__name__}: {exc}).") from exc
         for layer, d in sizes:
             c = prof.num_classes
-            expect = {"count": (c,), "mean": (c, d), "m2": (c, d), "hsic": (c, d, d)}
+            expect = {"count": (c,), "mean": (c, d), "m2": (c, d)}
+            if meta.get("keep_hsic", True):
+                expect["hsic"] = (c, d, d)
             for key, shape in expect.items():
                 t = tensors.get(f"{layer}.{key}")
                 if t is None or tuple(t.shape) != shape:
@@ -179,70 +184,8 @@ class Profile:
         return prof
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = x.min(), x.max()
-    span = hi - lo
-    return torch.zeros_like(x) if span <= 0 else (x - lo) / span
-
 
 # ---- the profiling pass ------------------------------------------------------------------
-
-class _LayerState:
-    """Accumulators of one layer."""
-
-    def __init__(self, layer: SlicedLayer, num_classes: int, metrics, device):
-        self.layer = layer
-        d = layer.num_neurons
-        self.moments = MomentAccumulator(num_classes, d, device)
-        self.taylor = torch.zeros(num_classes, d, dtype=ACC, device=device)
-        self.taylor_batches = torch.zeros(num_classes, dtype=ACC, device=device)
-        self.taylor_all = torch.zeros(d, dtype=ACC, device=device)
-        self.taylor_all_batches = torch.zeros((), dtype=ACC, device=device)
-        self.taylor_act = torch.zeros(num_classes, d, dtype=ACC, device=device)
-        self.deeplift = torch.zeros(num_classes, d, dtype=ACC, device=device)
-        self.hsic_acc = None
-        self.route = None
-
-    def init_hsic(self, positions: int, cfg: "_Config", dtype, device) -> None:
-        d = self.layer.num_neurons
-        route = cfg.hsic_route
-        if route == "auto":
-            p = d * positions
-            b = cfg.cka_batch
-            feature_flops, sample_flops = p * p, d * b * positions + d * d * b
-            route = "feature" if (p <= cfg.max_feature_dim and feature_flops <= 4 * sample_flops) \
-                else "minibatch"
-        self.route = route
-        if route == "feature":
-            need = cfg.num_classes * (d * positions) ** 2 * 8
-            if need > cfg.max_memory_gb * 2**30:
-                raise ValueError(
-                    f"layer {self.layer.name!r}: the feature-space HSIC route needs "
-                    f"{need / 2**30:.1f} GiB ({cfg.num_classes} categories x "
-                    f"({d} neurons x {positions} positions)^2 float64), over max_memory_gb="
-                    f"{cfg.max_memory_gb}. Use hsic_route='minibatch' or 'auto', or raise "
-                    f"max_memory_gb.")
-            compute = ACC if dtype == torch.float64 else torch.float32
-            self.hsic_acc = CovarianceAccumulator(cfg.num_classes, d * positions, device, compute)
-        else:
-            fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=cfg.backend)  # noqa: E731
-            self.hsic_acc = MinibatchHSICAccumulator(cfg.num_classes, d, cfg.cka_batch, fn, device)
-
-    def hsic_result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.layer.num_neurons
-        if self.route == "feature":
-            acc = self.hsic_acc
-            acc.finalize()
-            n = acc.count.to(ACC)
-            cov = acc.comoment / (n - 1).clamp(min=1).view(-1, 1, 1)
-            c = cov.shape[0]
-            s = cov.shape[1] // d
-            m = cov.view(c, d, s, d, s).square().sum(dim=(2, 4))
-            weight = torch.where(acc.count >= 2, n, torch.zeros_like(n))
-            return m, weight
-        self.hsic_acc.finalize()
-        return self.hsic_acc.result()
-
 
 @dataclass
 class _Config:
@@ -252,141 +195,143 @@ class _Config:
     hsic_route: str
     cka_batch: int
     max_feature_dim: int
-    max_memory_gb: float
     backend: str | None
+    category_order: str
+    keep_hsic: bool
+    autocast: torch.dtype | None
+
+    def key(self) -> dict:
+        """What decides the result (checkpoints and ranks must agree on it)."""
+        out = asdict(self)
+        out["metrics"] = list(self.metrics)
+        out["autocast"] = str(self.autocast)
+        out.pop("backend")
+        return out
 
 
-def _split_batch(batch, num_classes: int, index: int):
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            f"the loader must yield (inputs, labels) pairs; batch {index} is "
-            f"{type(batch).__name__}. Wrap your data in a TensorDataset(inputs, labels).")
-    x, y = batch[0], batch[1]
-    if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise TypeError(f"batch {index}: inputs and labels must be tensors, got "
-                        f"{type(x).__name__} and {type(y).__name__}.")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or \
-            y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"batch {index}: labels must be a 1-D integer tensor with one class index per input "
-            f"(got dtype {y.dtype}, shape {tuple(y.shape)} for {x.shape[0]} inputs).")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"batch {index}: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
-            f"found values in [{int(y.min())}, {int(y.max())}]. Pass the right num_classes or "
-            f"remap the labels.")
-    return x, y.long()
+def _check_args(num_classes, hsic_route, cka_batch, category_order, autocast, checkpoint_every,
+                max_memory_gb):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if hsic_route not in ("auto", "feature", "minibatch"):
+        raise ValueError(f"hsic_route must be 'auto', 'feature' or 'minibatch', got {hsic_route!r}")
+    if isinstance(cka_batch, bool) or not isinstance(cka_batch, int) or cka_batch < 4:
+        raise ValueError(f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 samples), "
+                         f"got {cka_batch!r}")
+    if category_order not in ("any", "grouped"):
+        raise ValueError(f"category_order must be 'any' or 'grouped' (data sorted by category, "
+                         f"e.g. with neuslice.data.CategoryGroupedSampler), got {category_order!r}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
+            checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int (batches), got "
+                         f"{checkpoint_every!r}")
+    if not (isinstance(max_memory_gb, (int, float)) and max_memory_gb > 0):
+        raise ValueError(f"max_memory_gb must be a positive number, got {max_memory_gb!r}")
 
 
-def _check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
-    if logits.dim() != 2 or logits.shape[1] < num_classes:
-        raise ValueError(
-            f"{metric} needs classification logits of shape (batch, num_classes={num_classes}); "
-            f"the model returned shape {tuple(logits.shape)}.")
+def _budget_error(est, budget_gb: float, cfg: _Config) -> MemoryBudgetError:
+    hints = []
+    if cfg.category_order == "any" and cfg.hsic and cfg.num_classes > 2:
+        hints.append("category_order='grouped' with the data sorted by category "
+                     "(neuslice.data.CategoryGroupedSampler) keeps HSIC accumulators only for the "
+                     "categories in progress")
+    if cfg.keep_hsic and cfg.hsic:
+        hints.append("keep_hsic=False stores CKA prefix curves (d values per metric) instead of "
+                     "d x d matrices")
+    hints.append("a smaller cka_batch, hsic_route='minibatch', fewer layers, or a larger "
+                 "max_memory_gb")
+    return MemoryBudgetError(
+        f"neuslice.profile would need about {est.total / GiB:.2f} GiB, over "
+        f"max_memory_gb={budget_gb}.\n{est.table()}\nTo fit: " + "; ".join(hints) + ".")
 
 
-def _check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(values).all():
-        raise ValueError(
-            f"layer {layer.name!r} produced NaN/Inf {what}; check the model's weights and the "
-            f"inputs (normalisation, overflow in half precision).")
+class _Run:
+    """Progress of one profiling pass: states, finished categories, batches consumed."""
+
+    def __init__(self, states: dict[str, LayerState], cfg: _Config, reducer):
+        self.states, self.cfg, self.reducer = states, cfg, reducer
+        self.frontier = 0  # grouped: categories < frontier are finished
+        self.batches = 0
+        self.digest = ""
+
+    def _reduce(self, items) -> None:
+        if self.reducer is None:
+            return
+        sums = [t for s, _ in items for t in s]
+        moments = [m for _, ms in items for m in ms]
+        self.reducer.sum_(sums)
+        self.reducer.moments_(moments)
+
+    def finish_categories(self, upto: int, index: int | None = None) -> None:
+        """Grouped order: finish every category below ``upto``."""
+        if upto < self.frontier:
+            raise ValueError(
+                f"category_order='grouped' needs the data sorted by category, but batch {index} "
+                f"has label {upto} after categories 0..{self.frontier - 1} were finished. Sort "
+                f"the data (neuslice.data.CategoryGroupedSampler) or use category_order='any'.")
+        for c in range(self.frontier, upto):
+            accs = {n: st.take(c) for n, st in self.states.items()}
+            self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
+                          for n, st in self.states.items()])
+            for n, st in self.states.items():
+                st.after_reduce(accs[n])
+                st.store(accs[n], [c])
+        self.frontier = max(self.frontier, upto)
+
+    def finish(self) -> None:
+        c = self.cfg.num_classes
+        if self.cfg.category_order == "grouped" or not self.cfg.hsic:
+            if self.cfg.hsic:
+                self.finish_categories(c)
+            self._reduce([st.reduce_items(None, None if self.cfg.hsic else slice(0, c), True)
+                          for st in self.states.values()])
+            return
+        for st in self.states.values():
+            st.acc.finalize()
+        self._reduce([st.reduce_items(st.acc, slice(0, c), True) for st in self.states.values()])
+        for st in self.states.values():
+            st.after_reduce(st.acc)
+            st.store(st.acc, list(range(c)))
+
+    def state_dict(self) -> dict:
+        return {"frontier": self.frontier, "batches": self.batches, "digest": self.digest,
+                "states": {n: st.state_dict() for n, st in self.states.items()}}
+
+    def load_state_dict(self, blob: dict) -> None:
+        self.frontier, self.batches = int(blob["frontier"]), int(blob["batches"])
+        for n, st in self.states.items():
+            st.load_state_dict(blob["states"][n])
 
 
-def _forward_pass(model, layers, states, x, y, cfg: _Config) -> None:
-    """Plain forward (and backward for Taylor): moments, HSIC and Taylor statistics."""
-    want_grad = "taylor" in cfg.metrics or "taylor_act" in cfg.metrics
-    kept: dict[str, dict[str, torch.Tensor]] = {l.name: {} for l in layers}
-    points = []
-
-    def keep(layer, key):
-        def cb(out):
-            kept[layer.name][key] = out
-            return out.clone()  # the model gets a copy; ours is never modified in place
-        return cb
-
-    for l in layers:
-        if want_grad:
-            points.append((l.module, None, keep(l, "z")))
-            if l.norm_module is not None:
-                points.append((l.norm_module, None, keep(l, "u")))
-        points.append((l.hook_module, l.call_index, keep(l, "h")))
-    with torch.set_grad_enabled(want_grad), hooks_at(model, points):
-        if want_grad and x.is_floating_point():
-            x = x.detach().requires_grad_(True)
-        logits = model(x)
-    for l in layers:
-        st = states[l.name]
-        h = kept[l.name].get("h")
-        if h is None:
-            raise RuntimeError(f"layer {l.name!r} was not executed by the model's forward pass.")
-        a = l.neuron_view(l.apply_post(h.detach().clone() if l.post_ops else h.detach()))
-        _check_finite(l, a, "outputs")
-        st.moments.update(a.mean(dim=2), y)
-        if cfg.hsic:
-            if st.hsic_acc is None:
-                st.init_hsic(a.shape[2], cfg, a.dtype, a.device)
-            if st.route == "feature":
-                st.hsic_acc.update(a.reshape(a.shape[0], -1), y)
-            else:
-                st.hsic_acc.update(a.to(torch.float32 if a.dtype != ACC else ACC), y)
-    if not want_grad:
-        return
-    _check_logits(logits, cfg.num_classes, "Taylor")
-    loss = F.cross_entropy(logits, y, reduction="sum")
-    targets, owners = [], []
-    for l in layers:
-        for key, t in kept[l.name].items():
-            targets.append(t)
-            owners.append((l, key))
-    grads = torch.autograd.grad(loss, targets, allow_unused=True)
-    per = {}
-    for (l, key), t, g in zip(owners, targets, grads):
-        g = torch.zeros_like(t) if g is None else g
-        per[(l.name, key)] = (l.neuron_view(t.detach()) * l.neuron_view(g)).sum(2).to(ACC)
-    c = cfg.num_classes
-    n_b = torch.bincount(y, minlength=c).to(ACC)
-    present = n_b > 0
-    for l in layers:
-        st = states[l.name]
-        if "taylor" in cfg.metrics:
-            t = per[(l.name, "z")] + per.get((l.name, "u"), 0)
-            sums = torch.zeros(c, t.shape[1], dtype=ACC, device=t.device).index_add_(0, y, t)
-            st.taylor += torch.where(present.unsqueeze(1),
-                                     (sums / n_b.clamp(min=1).unsqueeze(1)).square(), 0)
-            st.taylor_batches += present.to(ACC)
-            st.taylor_all += (t.sum(0) / t.shape[0]).square()
-            st.taylor_all_batches += 1
-        if "taylor_act" in cfg.metrics:
-            st.taylor_act.index_add_(0, y, per[(l.name, "h")].abs())
+def _layer_shapes(model, sliced, first, reducer, autocast):
+    """Positions per layer and the neuron dtype, agreed by all ranks."""
+    shapes = None
+    if first is not None:
+        x = first[0]
+        positions, dtype = probe_positions(model, sliced, x, autocast)
+        shapes = (positions, str(dtype), list(x.shape[1:]))
+    if reducer is not None:
+        known = [s for s in reducer.gather_objects(shapes, "exchanging layer shapes") if s]
+        if known and any(s != known[0] for s in known):
+            raise ValueError(f"ranks disagree on the layers' output shapes or input shape "
+                             f"({known}); every rank must feed inputs of the same shape.")
+        shapes = known[0] if known else None
+    if shapes is None:
+        raise ValueError("the loader yielded no samples; profiling needs data.")
+    positions, dtype, input_shape = shapes
+    return positions, getattr(torch, dtype.split(".")[-1]), input_shape
 
 
-def _deeplift_pass(model, layers, states, x, y, num_classes: int) -> None:
-    """Forward on [inputs; zero baselines] with the rescale rule; one backward for all layers."""
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(layer):
-        def cb(out):
-            kept[layer.name] = out
-            return out.clone()
-        return cb
-
-    points = [(l.hook_module, l.call_index, keep(l)) for l in layers]
-    both = torch.cat([x, torch.zeros_like(x)]).detach()
-    if both.is_floating_point():
-        both.requires_grad_(True)
-    with torch.enable_grad(), rescale_rule(model), hooks_at(model, points):
-        logits = model(both)
-    _check_logits(logits, num_classes, "DeepLIFT")
-    half = x.shape[0]
-    target = logits[:half].gather(1, y.view(-1, 1)).sum()
-    hs = [kept[l.name] for l in layers]
-    grads = torch.autograd.grad(target, hs, allow_unused=True)
-    for l, h, g in zip(layers, hs, grads):
-        g = torch.zeros_like(h) if g is None else g
-        h = l.neuron_view(h.detach())
-        contrib = ((h[:half] - h[half:]) * l.neuron_view(g)[:half]).sum(2).to(ACC)
-        _check_finite(l, contrib, "DeepLIFT contributions")
-        states[l.name].deeplift.index_add_(0, y, contrib)
+def _check_ranks_agree(reducer, what: dict) -> None:
+    seen = reducer.gather_objects(what)
+    for r, other in enumerate(seen):
+        if other != seen[0]:
+            diff = {k: (seen[0].get(k), other.get(k)) for k in what if seen[0].get(k) != other.get(k)}
+            raise ValueError(f"rank {r} profiles with different settings than rank 0: "
+                             f"{json.dumps(diff, default=str)}. Every rank must call "
+                             f"neuslice.profile with the same model and arguments.")
 
 
 def profile(
@@ -402,6 +347,13 @@ def profile(
     cka_batch: int = 128,
     max_feature_dim: int = 2048,
     max_memory_gb: float = 8.0,
+    category_order: str = "any",
+    keep_hsic: bool | None = None,
+    autocast: torch.dtype | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: str | os.PathLike | None = None,
+    distributed: bool | None = None,
     backend: str | None = None,
     progress: bool = True,
 ) -> Profile:
@@ -415,31 +367,46 @@ def profile(
         metrics: contribution metrics to compute, from ``ALL_METRICS``.
         device: where to run; defaults to the model's device. If it differs, a copy of the
             model is moved there and the caller's model is left where it is.
-        hsic: also accumulate the neuron-HSIC matrices that semantic slicing needs.
+        hsic: also accumulate the neuron-HSIC statistics that semantic slicing needs.
         hsic_route: ``"feature"`` (exact, biased HSIC over each category's whole data; memory
-            ``(d·s)²`` per category, refused above ``max_memory_gb``), ``"minibatch"`` (unbiased HSIC averaged over category
+            ``(d·s)²`` per category), ``"minibatch"`` (unbiased HSIC averaged over category
             minibatches of ``cka_batch`` samples; memory ``cka_batch·d·s``) or ``"auto"``.
+        max_memory_gb: budget for all accumulators; the estimate (``neuslice.memory``) is made
+            from the first batch and a larger one is refused with a ``MemoryBudgetError``.
+        category_order: ``"any"`` (default) or ``"grouped"``: the loader yields the data sorted
+            by category (``neuslice.data.CategoryGroupedSampler``); each category is finished as
+            soon as the data moves past it, so HSIC memory does not grow with the categories.
+        keep_hsic: keep the ``d x d`` HSIC matrices (default with ``"any"``) or only the CKA
+            prefix curves of every profiled metric (default with ``"grouped"``).
+        autocast: ``torch.bfloat16`` / ``torch.float16`` runs the model under autocast; the
+            statistics are still accumulated in float32/float64.
+        checkpoint: write the state here every ``checkpoint_every`` batches (atomically; a
+            failed write warns and keeps the previous file). With several ranks each writes
+            ``<checkpoint>.rank<r>-of-<w>``.
+        resume: continue from a checkpoint written by an interrupted run with the same model,
+            data order and arguments; the result equals an uninterrupted run.
+        distributed: combine the statistics of all ranks of ``torch.distributed`` (each rank
+            profiles its own shard, e.g. with a ``DistributedSampler``); None: when it is
+            initialised with more than one rank. Every rank gets the same ``Profile``.
         backend: backend of the HSIC op (``neuslice.ops``): None/"auto", "cuda", "triton",
             "cpp" or "torch"; the ``NEUSLICE_BACKEND`` environment variable also sets it.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only).
 
     The model's parameters, buffers, gradients and train/eval modes are left exactly as they
     were (profiling runs in eval mode).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    metrics = _check_metrics(metrics)
+    _check_args(num_classes, hsic_route, cka_batch, category_order, autocast, checkpoint_every,
+                max_memory_gb)
+    metrics = check_metrics(metrics)
     if "ens" in metrics:
         metrics = tuple(dict.fromkeys(metrics + ("avg", "var")))
-    if hsic_route not in ("auto", "feature", "minibatch"):
-        raise ValueError(f"hsic_route must be 'auto', 'feature' or 'minibatch', got {hsic_route!r}")
-    if not isinstance(cka_batch, int) or cka_batch < 4:
-        raise ValueError(f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 samples), "
-                         f"got {cka_batch!r}")
-    cfg = _Config(num_classes, metrics, hsic, hsic_route, cka_batch, max_feature_dim,
-                  max_memory_gb, backend)
+    keep_hsic = (category_order == "any") if keep_hsic is None else bool(keep_hsic)
+    cfg = _Config(num_classes, metrics, bool(hsic), hsic_route, cka_batch, max_feature_dim,
+                  backend, category_order, keep_hsic, autocast)
+    reducer = active_reducer(distributed)
+    rank, world = (reducer.rank, reducer.world) if reducer else (0, 1)
     fingerprint = model_fingerprint(model)
     try:
         model_device = next(model.parameters()).device
@@ -448,63 +415,105 @@ def profile(
     device = torch.device(device) if device is not None else model_device
     work_model = model if device == model_device else copy.deepcopy(model).to(device)
     sliced = find_layers(work_model, layers)
-    states = {l.name: _LayerState(l, num_classes, metrics, device) for l in sliced}
+    if reducer is not None:
+        _check_ranks_agree(reducer, {"fingerprint": fingerprint, "layers": [l.name for l in sliced],
+                                     "config": cfg.key(), "resume": resume is not None,
+                                     "checkpoint": checkpoint is not None})
     timings = {"forward": 0.0, "deeplift": 0.0}
-    input_shape = None
-    bar = progress_bar(loader, progress, "neuslice.profile")
+    bar = progress_bar(loader, progress and rank == 0, "neuslice.profile")
     start = time.perf_counter()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         with module_modes(work_model, train=False):
-            for i, batch in enumerate(bar):
-                x, y = _split_batch(batch, num_classes, i)
-                if x.shape[0] == 0:
+            it = iter(bar)
+            pulled = []
+            for batch in it:  # find the first non-empty batch for the shapes
+                pulled.append(split_batch(batch, num_classes, len(pulled)))
+                if pulled[-1][0].shape[0]:
+                    break
+            first = next((b for b in pulled if b[0].shape[0]), None)
+            if first is not None:
+                first = (first[0].to(device), first[1])
+            positions, feat_dtype, input_shape = _layer_shapes(work_model, sliced, first, reducer,
+                                                               autocast)
+            est = estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
+                           num_classes, hsic=hsic, hsic_route=hsic_route, cka_batch=cka_batch,
+                           max_feature_dim=max_feature_dim, category_order=category_order,
+                           keep_hsic=keep_hsic, num_metrics=len(scorable(metrics)),
+                           batch_size=first[0].shape[0] if first is not None else 1)
+            if est.total > max_memory_gb * GiB:
+                raise _budget_error(est, max_memory_gb, cfg)
+            logger.info("%s", est.table())
+            feature_dtype = ACC if feat_dtype == ACC else torch.float32
+            states = {l.name: LayerState(l, positions[l.name], cfg, device, feature_dtype)
+                      for l in sliced}
+            run = _Run(states, cfg, reducer)
+            expect = None
+            skip = 0
+            if checkpoint is not None or resume is not None:
+                expect = {"fingerprint": fingerprint, "weights": ckpt.weights_digest(model),
+                          "layers": [l.name for l in sliced], "config": cfg.key(),
+                          "positions": positions, "world": [rank, world]}
+            if resume is not None:
+                rpath = ckpt.rank_path(resume, rank, world)
+                blob = ckpt.load(rpath)
+                ckpt.check_compatible(blob, expect, rpath)
+                run.load_state_dict(blob)
+                skip, want_digest = run.batches, blob["digest"]
+                timings.update(blob.get("timings", {}))
+            cpath = ckpt.rank_path(checkpoint, rank, world) if checkpoint is not None else None
+            digest = ""
+            i = -1
+            for i, batch in enumerate(itertools.chain(pulled, it)):
+                x, y = batch if i < len(pulled) else split_batch(batch, num_classes, i)
+                if expect is not None:
+                    digest = ckpt.batch_digest(digest, x, y)
+                if i < skip:
+                    if i == skip - 1 and digest != want_digest:
+                        raise ValueError(
+                            f"cannot resume from {rpath}: the loader yields different data or a "
+                            f"different order than the run that wrote it (digest of the first "
+                            f"{skip} batches differs). Use the same dataset, sampler seed and "
+                            f"batch size.")
                     continue
-                x, y = x.to(device), y.to(device)
-                if input_shape is None:
-                    input_shape = list(x.shape[1:])
-                t0 = time.perf_counter()
-                _forward_pass(work_model, sliced, states, x, y, cfg)
-                t1 = time.perf_counter()
-                if "deeplift" in metrics:
-                    _deeplift_pass(work_model, sliced, states, x, y, num_classes)
-                timings["forward"] += t1 - t0
-                timings["deeplift"] += time.perf_counter() - t1
+                if x.shape[0]:
+                    x, y = x.to(device), y.to(device)
+                    if category_order == "grouped" and hsic:
+                        run.finish_categories(int(y.min()), i)
+                    t0 = time.perf_counter()
+                    forward_pass(work_model, sliced, states, x, y, cfg)
+                    t1 = time.perf_counter()
+                    if "deeplift" in metrics:
+                        deeplift_pass(work_model, sliced, states, x, y, cfg)
+                    timings["forward"] += t1 - t0
+                    timings["deeplift"] += time.perf_counter() - t1
+                run.batches = i + 1
+                run.digest = digest
+                if cpath is not None and run.batches % checkpoint_every == 0:
+                    ckpt.save(cpath, {**expect, **run.state_dict(), "timings": timings})
+            if i < skip - 1:
+                raise ValueError(f"cannot resume from {rpath}: it has consumed {skip} batches but "
+                                 f"the loader yields only {i + 1}. Use the same data and batch size.")
+            t0 = time.perf_counter()
+            run.finish()
+            timings["hsic_finalize"] = time.perf_counter() - t0
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         if hasattr(bar, "close"):
             bar.close()
-    if input_shape is None:
-        raise ValueError("the loader yielded no samples; profiling needs data.")
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
-    routes = {}
-    t0 = time.perf_counter()
     for l in sliced:
         st = states[l.name]
-        pre = l.name + "."
-        tensors[pre + "count"] = st.moments.count.cpu()
-        tensors[pre + "mean"] = st.moments.mean.cpu()
-        tensors[pre + "m2"] = st.moments.m2.cpu()
-        for key in ("taylor", "taylor_batches", "taylor_all", "taylor_all_batches",
-                    "taylor_act", "deeplift"):
-            tensors[pre + key] = getattr(st, key).cpu()
-        d = l.num_neurons
-        if hsic:
-            m, w = st.hsic_result()
-            routes[l.name] = st.route
-        else:
-            m = torch.zeros(num_classes, d, d, dtype=ACC)
-            w = torch.zeros(num_classes, dtype=ACC)
-        tensors[pre + "hsic"], tensors[pre + "hsic_weight"] = m.cpu(), w.cpu()
+        tensors.update({f"{l.name}.{k}": v for k, v in st.tensors().items()})
         dead = (st.moments.m2 <= 0) & (st.moments.count.unsqueeze(1) > 1)
         if bool(dead.any()):
-            per_cat = dead.sum(1).tolist()
-            warnings.append(f"layer {l.name}: constant (dead) neurons per category: {per_cat}")
+            warnings.append(f"layer {l.name}: constant (dead) neurons per category: "
+                            f"{dead.sum(1).tolist()}")
             logger.info(warnings[-1])
-    timings["hsic_finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
+    routes = {l.name: states[l.name].route for l in sliced} if hsic else {}
     counts = states[sliced[0].name].moments.count.tolist()
     need = 2 if all(r == "feature" for r in routes.values()) else 4
     small = [k for k, n in enumerate(counts) if 0 < n < need]  # absent ones: no warning
@@ -525,3 +534,22 @@ def profile(
                    warnings=warnings, timings=timings)
 
 
+def estimate_profile_memory(model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
+                            layers: Sequence[str] | None = None, *, batch_size: int = 1,
+                            **options):
+    """The memory estimate ``profile`` would make (``neuslice.memory.MemoryEstimate``) for
+    ``model`` on inputs shaped like ``example_inputs``, without profiling. ``options`` are
+    ``profile``'s keyword arguments (hsic, hsic_route, cka_batch, category_order, ...)."""
+    sliced = find_layers(model, layers)
+    with module_modes(model, train=False):
+        positions, _ = probe_positions(model, sliced, example_inputs, options.get("autocast"))
+    category_order = options.get("category_order", "any")
+    keep = options.get("keep_hsic")
+    keep = (category_order == "any") if keep is None else keep
+    metrics = check_metrics(options.get("metrics", METRICS))
+    return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced], num_classes,
+                    hsic=options.get("hsic", True), hsic_route=options.get("hsic_route", "auto"),
+                    cka_batch=options.get("cka_batch", 128),
+                    max_feature_dim=options.get("max_feature_dim", 2048),
+                    category_order=category_order, keep_hsic=keep,
+                    num_metrics=len(scorable(metrics)), batch_size=batch_size)

@@ -15,6 +15,7 @@ from torch import nn
 from . import cka
 from ._io import atomic_write
 from .layers import SlicedLayer, find_layers, model_fingerprint
+from ._scores import ranking
 from .profile import Profile
 
 __all__ = ["Slice", "global_slice", "categorywise_slice", "semantic_slice", "random_slice"]
@@ -234,15 +235,14 @@ def semantic_slice(profile: Profile, metric: str, threshold: float, step: int = 
         rows = torch.zeros(profile.num_classes, d, dtype=torch.bool)
         skipped, flat = [], []
         for c in _present(profile):
-            m = profile.hsic(layer, c)
-            if m is None:
+            curve = profile.curve(layer, metric, c)
+            if curve is None:
                 skipped.append(c)
                 continue
-            order = torch.argsort(profile.scores(layer, metric, c), descending=True, stable=True)
-            curve = cka.prefix_curve(m, order)
             if not bool(torch.isfinite(curve).any()):
                 flat.append(c)
                 continue
+            order = ranking(profile.scores(layer, metric, c))
             k = min(d, math.ceil(cka.minimal_prefix(curve, threshold) / step) * step)
             rows[c, order[:k].cpu()] = True
         if skipped:

@@ -11,6 +11,34 @@ import torch
 
 __all__ = ["MomentAccumulator", "CovarianceAccumulator", "MinibatchHSICAccumulator", "merge_moments"]
 
+
+class _Stateful:
+    """``state_dict`` / ``load_state_dict`` over the attributes named in ``_STATE``."""
+
+    _STATE: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        out = {}
+        for key in self._STATE:
+            v = getattr(self, key)
+            out[key] = [list(b) for b in v] if key == "buffers" else (
+                list(v) if isinstance(v, list) else v)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._STATE:
+            cur, new = getattr(self, key), state[key]
+            if torch.is_tensor(cur):
+                if not torch.is_tensor(new) or new.shape != cur.shape or new.dtype != cur.dtype:
+                    raise ValueError(f"state entry {key!r} does not fit this accumulator "
+                                     f"(expected {cur.dtype} {tuple(cur.shape)}).")
+                new = new.to(cur.device)
+            elif key == "buffers":
+                new = [[t.to(self.device) for t in b] for b in new]
+            else:
+                new = list(new)
+            setattr(self, key, new)
+
 ACC = torch.float64
 
 
@@ -33,8 +61,10 @@ def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
-class MomentAccumulator:
+class MomentAccumulator(_Stateful):
     """Per-category count, mean and M2 (sum of squared deviations) of a ``(d,)`` vector."""
+
+    _STATE = ("count", "mean", "m2")
 
     def __init__(self, num_classes: int, dim: int, device=None):
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -61,7 +91,7 @@ class MomentAccumulator:
         return n[0], mean[0], m2[0]
 
 
-class CovarianceAccumulator:
+class CovarianceAccumulator(_Stateful):
     """Per-category mean and co-moment matrix ``Σ (x-μ)(x-μ)ᵀ`` of ``(p,)`` feature vectors.
 
     Samples are buffered per category (``buffer_size`` of them) so that each ``p x p`` update
@@ -70,8 +100,11 @@ class CovarianceAccumulator:
     matmul in ``compute_dtype`` (TF32 off) and the sums in float64.
     """
 
+    _STATE = ("count", "shift", "s1", "s2", "buffers", "buffered")
+
     def __init__(self, num_classes: int, dim: int, device=None, compute_dtype=torch.float32,
                  buffer_size: int = 256):
+        self.device = device
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.shift = torch.zeros(num_classes, dim, dtype=ACC, device=device)
         self.s1 = torch.zeros(num_classes, dim, dtype=ACC, device=device)
@@ -119,8 +152,13 @@ class CovarianceAccumulator:
         n = self.count.clamp(min=1).to(ACC).view(-1, 1, 1)
         return self.s2 - self.s1.unsqueeze(2) * self.s1.unsqueeze(1) / n
 
+    def set_moments(self, count: torch.Tensor, mean: torch.Tensor, comoment: torch.Tensor) -> None:
+        """Replace the (finalized) statistics by merged ones, e.g. after an all-reduce."""
+        self.count, self.shift = count.clone(), mean.clone()
+        self.s1, self.s2 = torch.zeros_like(self.s1), comoment.clone()
 
-class MinibatchHSICAccumulator:
+
+class MinibatchHSICAccumulator(_Stateful):
     """Average of unbiased neuron-HSIC matrices over category minibatches of fixed size.
 
     Samples of each category are buffered until ``batch_size`` of them are there, so the result
@@ -129,8 +167,10 @@ class MinibatchHSICAccumulator:
     """
 
     MIN_SAMPLES = 4  # the unbiased estimator needs n >= 4
+    _STATE = ("buffers", "buffered", "weight", "total")
 
     def __init__(self, num_classes: int, dim: int, batch_size: int, hsic_fn, device=None):
+        self.device = device
         if batch_size < self.MIN_SAMPLES:
             raise ValueError(f"cka_batch must be >= {self.MIN_SAMPLES}, got {batch_size}")
         self.batch_size = batch_size

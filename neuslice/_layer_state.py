@@ -1,0 +1,181 @@
+"""Accumulators of one sliced layer during ``neuslice.profile``, and how they finish.
+
+``category_order="any"`` keeps one HSIC accumulator slot per category for the whole pass;
+``"grouped"`` keeps slots only for the categories in progress and finishes each category (its
+HSIC matrix, or just its CKA prefix curves) as soon as the data has moved past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cka
+from ._scores import ranking, score, scorable
+from .layers import SlicedLayer
+from .memory import choose_route
+from .stats import ACC, CovarianceAccumulator, MinibatchHSICAccumulator, MomentAccumulator
+
+SUM_KEYS = ("taylor", "taylor_batches", "taylor_act", "deeplift")  # per category
+WHOLE_KEYS = ("taylor_all", "taylor_all_batches")  # whole data
+
+
+class LayerState:
+    def __init__(self, layer: SlicedLayer, positions: int, cfg, device, feature_dtype):
+        self.layer, self.cfg, self.device = layer, cfg, device
+        self.positions = positions
+        self.feature_dtype = feature_dtype
+        c, d = cfg.num_classes, layer.num_neurons
+        self.moments = MomentAccumulator(c, d, device)
+        z = lambda *shape: torch.zeros(*shape, dtype=ACC, device=device)  # noqa: E731
+        self.sums = {"taylor": z(c, d), "taylor_batches": z(c), "taylor_act": z(c, d),
+                     "deeplift": z(c, d), "taylor_all": z(d), "taylor_all_batches": z(())}
+        self.route = choose_route(d, positions, cfg.hsic_route, cfg.cka_batch,
+                                  cfg.max_feature_dim) if cfg.hsic else None
+        self.grouped = cfg.category_order == "grouped"
+        self.acc = self.new_acc(c) if cfg.hsic and not self.grouped else None
+        self.open: dict[int, object] = {}  # grouped: category -> 1-slot accumulator
+        self.hsic_weight = z(c)
+        self.hsic = z(c, d, d) if cfg.hsic and cfg.keep_hsic else None
+        self.curves = ({m: torch.full((c, d), float("nan"), dtype=ACC, device=device)
+                        for m in scorable(cfg.metrics)} if cfg.hsic and not cfg.keep_hsic else {})
+
+    # ---- accumulation ------------------------------------------------------------------
+    def new_acc(self, slots: int):
+        d = self.layer.num_neurons
+        if self.route == "feature":
+            return CovarianceAccumulator(slots, d * self.positions, self.device,
+                                         ACC if self.feature_dtype == ACC else torch.float32)
+        backend = self.cfg.backend
+        fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=backend)  # noqa: E731
+        return MinibatchHSICAccumulator(slots, d, self.cfg.cka_batch, fn, self.device)
+
+    def _feed(self, acc, a: torch.Tensor, y: torch.Tensor) -> None:
+        if self.route == "feature":
+            acc.update(a.reshape(a.shape[0], -1), y)
+        else:
+            acc.update(a, y)
+
+    def update_hsic(self, a: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.grouped:
+            self._feed(self.acc, a, y)
+            return
+        for k in torch.unique(y).tolist():
+            if k not in self.open:
+                self.open[k] = self.new_acc(1)
+            sel = y == k
+            self._feed(self.open[k], a[sel], torch.zeros(int(sel.sum()), dtype=torch.long,
+                                                         device=y.device))
+
+    # ---- reduction over ranks ------------------------------------------------------------
+    def reduce_items(self, acc, rows: slice | None, whole: bool):
+        """(sum tensors, moment triples) to all-reduce: ``rows`` of the per-category
+        statistics (None: none), the whole-data sums if ``whole``, and ``acc`` (finalized)."""
+        sums, moments = [], []
+        if rows is not None:
+            m = self.moments
+            moments.append((m.count[rows], m.mean[rows], m.m2[rows]))
+            sums += [self.sums[k][rows] for k in SUM_KEYS]
+        if whole:
+            sums += [self.sums[k].view(-1) for k in WHOLE_KEYS]
+        if acc is not None:
+            if self.route == "feature":
+                acc._cm = acc.comoment
+                acc._mean = acc.mean
+                moments.append((acc.count, acc._mean, acc._cm))
+            else:
+                sums += [acc.total, acc.weight]
+        return sums, moments
+
+    @staticmethod
+    def after_reduce(acc) -> None:
+        if acc is not None and hasattr(acc, "_cm"):
+            acc.set_moments(acc.count, acc._mean, acc._cm)
+            del acc._cm, acc._mean
+
+    # ---- results -----------------------------------------------------------------------
+    def take(self, category: int):
+        """The finished accumulator of ``category`` in grouped mode (empty if it had no data)."""
+        acc = self.open.pop(category, None)
+        acc = acc if acc is not None else self.new_acc(1)
+        acc.finalize()
+        return acc
+
+    def _results(self, acc):
+        """Per slot: (HSIC matrix, weight), one slot at a time to bound the temporaries."""
+        d = self.layer.num_neurons
+        if self.route == "feature":
+            acc.finalize()
+            for k in range(acc.count.shape[0]):
+                n = acc.count[k].to(ACC)
+                cm = acc.s2[k] - torch.outer(acc.s1[k], acc.s1[k]) / n.clamp(min=1)
+                cov = cm / (n - 1).clamp(min=1)
+                s = cov.shape[0] // d
+                m = cov.view(d, s, d, s).square().sum(dim=(1, 3))
+                yield m, (n if int(acc.count[k]) >= 2 else torch.zeros_like(n))
+        else:
+            acc.finalize()
+            total, weight = acc.result()
+            for k in range(weight.shape[0]):
+                yield total[k], weight[k]
+
+    def store(self, acc, categories: list[int]) -> None:
+        """Turn ``acc`` (one slot per entry of ``categories``) into results."""
+        get = lambda key: self._get(key)  # noqa: E731
+        for c, (m, w) in zip(categories, self._results(acc)):
+            self.hsic_weight[c] = w
+            if self.hsic is not None:
+                self.hsic[c] = m
+            elif float(w) > 0:
+                for metric, curves in self.curves.items():
+                    curves[c] = cka.prefix_curve(m, ranking(score(get, metric, c)))
+
+    def _get(self, key: str) -> torch.Tensor:
+        if key in ("count", "mean", "m2"):
+            return getattr(self.moments, key)
+        return self.sums[key]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's part of ``Profile.tensors`` (on the CPU)."""
+        out = {"count": self.moments.count, "mean": self.moments.mean, "m2": self.moments.m2}
+        out.update(self.sums)
+        out["hsic_weight"] = self.hsic_weight
+        if self.hsic is not None:
+            out["hsic"] = self.hsic
+        for metric, curves in self.curves.items():
+            out[f"curve.{metric}"] = curves
+        return {k: v.cpu() for k, v in out.items()}
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        cpu = lambda t: t.cpu() if torch.is_tensor(t) else t  # noqa: E731
+
+        def acc_state(acc):
+            st = acc.state_dict()
+            return {k: ([[cpu(t) for t in b] for b in v] if k == "buffers" else cpu(v))
+                    for k, v in st.items()}
+
+        return {
+            "moments": {k: cpu(v) for k, v in self.moments.state_dict().items()},
+            "sums": {k: cpu(v) for k, v in self.sums.items()},
+            "acc": acc_state(self.acc) if self.acc is not None else None,
+            "open": {int(k): acc_state(a) for k, a in self.open.items()},
+            "hsic_weight": cpu(self.hsic_weight),
+            "hsic": cpu(self.hsic) if self.hsic is not None else None,
+            "curves": {k: cpu(v) for k, v in self.curves.items()},
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        self.moments.load_state_dict(st["moments"])
+        for k, v in st["sums"].items():
+            self.sums[k].copy_(v)
+        if self.acc is not None:
+            self.acc.load_state_dict(st["acc"])
+        self.open = {}
+        for k, a in st["open"].items():
+            self.open[int(k)] = self.new_acc(1)
+            self.open[int(k)].load_state_dict(a)
+        self.hsic_weight.copy_(st["hsic_weight"])
+        if self.hsic is not None:
+            self.hsic.copy_(st["hsic"])
+        for k, v in st["curves"].items():
+            self.curves[k].copy_(v)

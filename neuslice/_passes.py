@@ -1,0 +1,185 @@
+"""The per-batch work of ``neuslice.profile``: forward (+Taylor backward) and DeepLIFT passes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ._hooks import hooks_at
+from .deeplift import rescale_rule
+from .layers import SlicedLayer
+from .stats import ACC
+
+
+def split_batch(batch, num_classes: int, index: int):
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            f"the loader must yield (inputs, labels) pairs; batch {index} is "
+            f"{type(batch).__name__}. Wrap your data in a TensorDataset(inputs, labels).")
+    x, y = batch[0], batch[1]
+    if not torch.is_tensor(x) or not torch.is_tensor(y):
+        raise TypeError(f"batch {index}: inputs and labels must be tensors, got "
+                        f"{type(x).__name__} and {type(y).__name__}.")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or \
+            y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"batch {index}: labels must be a 1-D integer tensor with one class index per input "
+            f"(got dtype {y.dtype}, shape {tuple(y.shape)} for {x.shape[0]} inputs).")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"batch {index}: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
+            f"found values in [{int(y.min())}, {int(y.max())}]. Pass the right num_classes or "
+            f"remap the labels.")
+    return x, y.long()
+
+
+def check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
+    if logits.dim() != 2 or logits.shape[1] < num_classes:
+        raise ValueError(
+            f"{metric} needs classification logits of shape (batch, num_classes={num_classes}); "
+            f"the model returned shape {tuple(logits.shape)}.")
+
+
+def check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise ValueError(
+            f"layer {layer.name!r} produced NaN/Inf {what}; check the model's weights and the "
+            f"inputs (normalisation, overflow in half precision).")
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` (None: no autocast)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (incl. bf16/fp16 under autocast) -> float32."""
+    return ACC if t.dtype == ACC else torch.float32
+
+
+def neuron_values(layer: SlicedLayer, h: torch.Tensor) -> torch.Tensor:
+    """(batch, d, positions) neuron outputs at the layer's output point, detached."""
+    return layer.neuron_view(layer.apply_post(h.detach().clone() if layer.post_ops else h.detach()))
+
+
+def probe_positions(model, layers, x: torch.Tensor, autocast=None):
+    """Positions per neuron (1 for dense layers, H·W for convolutions) from one sample, and
+    the dtype the statistics will be accumulated from."""
+    kept = {}
+
+    def keep(layer):
+        def cb(out):
+            kept[layer.name] = out
+            return out
+        return cb
+
+    with torch.no_grad(), hooks_at(model, [(l.hook_module, l.call_index, keep(l)) for l in layers]):
+        with autocast_ctx(x.device, autocast):
+            model(x[:1])
+    missing = [l.name for l in layers if l.name not in kept]
+    if missing:
+        raise RuntimeError(f"layer(s) {missing} were not executed by the model's forward pass.")
+    values = {l.name: neuron_values(l, kept[l.name]) for l in layers}
+    dtype = work_dtype(next(iter(values.values()))) if values else torch.float32
+    return {n: int(v.shape[2]) for n, v in values.items()}, dtype
+
+
+def forward_pass(model, layers, states, x, y, cfg) -> None:
+    """Plain forward (and backward for Taylor): moments, HSIC and Taylor statistics."""
+    want_grad = "taylor" in cfg.metrics or "taylor_act" in cfg.metrics
+    kept: dict[str, dict[str, torch.Tensor]] = {l.name: {} for l in layers}
+    points = []
+
+    def keep(layer, key):
+        def cb(out):
+            kept[layer.name][key] = out
+            return out.clone()  # the model gets a copy; ours is never modified in place
+        return cb
+
+    for l in layers:
+        if want_grad:
+            points.append((l.module, None, keep(l, "z")))
+            if l.norm_module is not None:
+                points.append((l.norm_module, None, keep(l, "u")))
+        points.append((l.hook_module, l.call_index, keep(l, "h")))
+    with torch.set_grad_enabled(want_grad), hooks_at(model, points):
+        if want_grad and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+        with autocast_ctx(x.device, cfg.autocast):
+            logits = model(x)
+    for l in layers:
+        st = states[l.name]
+        h = kept[l.name].get("h")
+        if h is None:
+            raise RuntimeError(f"layer {l.name!r} was not executed by the model's forward pass.")
+        a = neuron_values(l, h)
+        a = a.to(work_dtype(a))
+        check_finite(l, a, "outputs")
+        st.moments.update(a.mean(dim=2), y)
+        if cfg.hsic:
+            st.update_hsic(a, y)
+    if not want_grad:
+        return
+    check_logits(logits, cfg.num_classes, "Taylor")
+    loss = F.cross_entropy(logits.to(work_dtype(logits)), y, reduction="sum")
+    targets, owners = [], []
+    for l in layers:
+        for key, t in kept[l.name].items():
+            targets.append(t)
+            owners.append((l, key))
+    grads = torch.autograd.grad(loss, targets, allow_unused=True)
+    per = {}
+    for (l, key), t, g in zip(owners, targets, grads):
+        g = torch.zeros_like(t) if g is None else g
+        wd = work_dtype(t)
+        per[(l.name, key)] = (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
+    c = cfg.num_classes
+    n_b = torch.bincount(y, minlength=c).to(ACC)
+    present = n_b > 0
+    for l in layers:
+        st = states[l.name]
+        if "taylor" in cfg.metrics:
+            t = per[(l.name, "z")] + per.get((l.name, "u"), 0)
+            sums = torch.zeros(c, t.shape[1], dtype=ACC, device=t.device).index_add_(0, y, t)
+            st.sums["taylor"] += torch.where(present.unsqueeze(1),
+                                             (sums / n_b.clamp(min=1).unsqueeze(1)).square(), 0)
+            st.sums["taylor_batches"] += present.to(ACC)
+            st.sums["taylor_all"] += (t.sum(0) / t.shape[0]).square()
+            st.sums["taylor_all_batches"] += 1
+        if "taylor_act" in cfg.metrics:
+            st.sums["taylor_act"].index_add_(0, y, per[(l.name, "h")].abs())
+
+
+def deeplift_pass(model, layers, states, x, y, cfg) -> None:
+    """Forward on [inputs; zero baselines] with the rescale rule; one backward for all layers."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(layer):
+        def cb(out):
+            kept[layer.name] = out
+            return out.clone()
+        return cb
+
+    points = [(l.hook_module, l.call_index, keep(l)) for l in layers]
+    both = torch.cat([x, torch.zeros_like(x)]).detach()
+    if both.is_floating_point():
+        both.requires_grad_(True)
+    with torch.enable_grad(), rescale_rule(model), hooks_at(model, points):
+        with autocast_ctx(x.device, cfg.autocast):
+            logits = model(both)
+    check_logits(logits, cfg.num_classes, "DeepLIFT")
+    half = x.shape[0]
+    target = logits[:half].gather(1, y.view(-1, 1)).to(work_dtype(logits)).sum()
+    hs = [kept[l.name] for l in layers]
+    grads = torch.autograd.grad(target, hs, allow_unused=True)
+    for l, h, g in zip(layers, hs, grads):
+        g = torch.zeros_like(h) if g is None else g
+        wd = work_dtype(h)
+        h = l.neuron_view(h.detach()).to(wd)
+        contrib = ((h[:half] - h[half:]) * l.neuron_view(g)[:half].to(wd)).sum(2).to(ACC)
+        check_finite(l, contrib, "DeepLIFT contributions")
+        states[l.name].sums["deeplift"].index_add_(0, y, contrib)

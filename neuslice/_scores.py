@@ -1,0 +1,67 @@
+"""Contribution scores from accumulated statistics (shared by ``Profile`` and the live pass)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+METRICS = ("avg", "var", "ens", "taylor", "deeplift")
+ALL_METRICS = METRICS + ("taylor_act",)
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}.")
+    return metrics
+
+
+def scorable(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """Metrics a profile with ``metrics`` can score (Ens follows from Avg and Var)."""
+    extra = ("ens",) if {"avg", "var"} <= set(metrics) and "ens" not in metrics else ()
+    return tuple(metrics) + extra
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    span = hi - lo
+    return torch.zeros_like(x) if span <= 0 else (x - lo) / span
+
+
+def score(get: Callable[[str], torch.Tensor], metric: str, category: int | None) -> torch.Tensor:
+    """Score of every neuron on ``category`` (None: all data) from the tensors ``get(key)``:
+    ``count``, ``mean``, ``m2``, ``taylor(_batches)``, ``taylor_all(_batches)``, ``deeplift``,
+    ``taylor_act``."""
+    count, mean, m2 = get("count"), get("mean"), get("m2")
+    if category is None:
+        n = count.sum()
+        total_mean = (mean * count.unsqueeze(1)).sum(0) / n.clamp(min=1)
+        dev = mean - total_mean
+        n_, mean_, m2_ = n, total_mean, m2.sum(0) + (dev * dev * count.unsqueeze(1)).sum(0)
+    else:
+        n_, mean_, m2_ = count[category], mean[category], m2[category]
+    if metric == "avg":
+        return mean_
+    if metric == "var":
+        return m2_ / (n_ - 1).clamp(min=1)
+    if metric == "ens":
+        return minmax(score(get, "avg", category)) + minmax(score(get, "var", category))
+    if metric == "taylor":
+        if category is None:
+            s, b = get("taylor_all"), get("taylor_all_batches")
+        else:
+            s, b = get("taylor")[category], get("taylor_batches")[category]
+        return s / b.clamp(min=1)
+    sums = get(metric)  # deeplift, taylor_act: per-sample means
+    if category is None:
+        return sums.sum(0) / n_.clamp(min=1)
+    return sums[category] / n_.clamp(min=1)
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Neurons by decreasing score (ties: lower index first) -- the order slices use."""
+    return torch.argsort(scores, descending=True, stable=True)
