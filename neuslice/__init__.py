@@ -9,6 +9,7 @@ Profile a model once, slice it with any strategy and metric, and evaluate or mai
 """
 
 from . import cka
+from . import zoo
 from .layers import find_layers, model_fingerprint
 from .masking import masked
 from .optim import MaskedOptimizer, trainable_fraction
