@@ -13,14 +13,14 @@ from . import zoo
 from .layers import find_layers, model_fingerprint
 from .masking import masked
 from .optim import MaskedOptimizer, trainable_fraction
-from .profile import ALL_METRICS, METRICS, Profile, profile
+from .profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
 from .restructure import restructure
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "cka", "profile", "Profile", "METRICS", "ALL_METRICS", "Slice", "global_slice",
+    "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice", "global_slice",
     "categorywise_slice", "semantic_slice", "random_slice", "masked", "restructure", "MaskedOptimizer",
     "trainable_fraction", "find_layers",
     "model_fingerprint", "__version__",

@@ -41,8 +41,12 @@ def _rescaled(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         d_in = inp[:half] - inp[half:]
         d_out = out[:half] - out[half:]
+        # in float32 at least: EPS underflows to 0 in float16, and half-precision ratios overflow
+        wide = torch.promote_types(d_in.dtype, torch.float32)
+        d_in, d_out = d_in.to(wide), d_out.to(wide)
         small = d_in.abs() < EPS
         ratio = torch.where(small, torch.zeros_like(d_out), d_out / torch.where(small, 1, d_in))
+        ratio = ratio.to(inp.dtype)
         ratio = torch.cat([ratio, ratio])
         small = torch.cat([small, small])
     linear = inp * ratio

@@ -253,6 +253,7 @@ class _Run:
     def __init__(self, states: dict[str, LayerState], cfg: _Config, reducer):
         self.states, self.cfg, self.reducer = states, cfg, reducer
         self.frontier = 0  # grouped: categories < frontier are finished
+        self.last_label = -1
         self.batches = 0
         self.digest = ""
 
@@ -264,13 +265,20 @@ class _Run:
         self.reducer.sum_(sums)
         self.reducer.moments_(moments)
 
-    def finish_categories(self, upto: int, index: int | None = None) -> None:
-        """Grouped order: finish every category below ``upto``."""
-        if upto < self.frontier:
+    def check_sorted(self, y: torch.Tensor, index: int) -> None:
+        """Grouped order: labels never decrease along the stream."""
+        prev = self.last_label
+        if y.numel() and (bool((y[1:] < y[:-1]).any()) or int(y[0]) < prev):
             raise ValueError(
-                f"category_order='grouped' needs the data sorted by category, but batch {index} "
-                f"has label {upto} after categories 0..{self.frontier - 1} were finished. Sort "
-                f"the data (neuslice.data.CategoryGroupedSampler) or use category_order='any'.")
+                f"category_order='grouped' needs the data sorted by category, but the labels "
+                f"decrease in batch {index} (previous label {prev}, batch labels start "
+                f"{y[:8].tolist()}). Sort the data with neuslice.data.CategoryGroupedSampler or "
+                f"use category_order='any'.")
+        if y.numel():
+            self.last_label = int(y[-1])
+
+    def finish_categories(self, upto: int) -> None:
+        """Grouped order: finish every category below ``upto``."""
         for c in range(self.frontier, upto):
             accs = {n: st.take(c) for n, st in self.states.items()}
             self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
@@ -296,11 +304,13 @@ class _Run:
             st.store(st.acc, list(range(c)))
 
     def state_dict(self) -> dict:
-        return {"frontier": self.frontier, "batches": self.batches, "digest": self.digest,
+        return {"frontier": self.frontier, "last_label": self.last_label,
+                "batches": self.batches, "digest": self.digest,
                 "states": {n: st.state_dict() for n, st in self.states.items()}}
 
     def load_state_dict(self, blob: dict) -> None:
         self.frontier, self.batches = int(blob["frontier"]), int(blob["batches"])
+        self.last_label = int(blob["last_label"])
         for n, st in self.states.items():
             st.load_state_dict(blob["states"][n])
 
@@ -480,7 +490,8 @@ def profile(
                 if x.shape[0]:
                     x, y = x.to(device), y.to(device)
                     if category_order == "grouped" and hsic:
-                        run.finish_categories(int(y.min()), i)
+                        run.check_sorted(y, i)
+                        run.finish_categories(int(y[0]))
                     t0 = time.perf_counter()
                     forward_pass(work_model, sliced, states, x, y, cfg)
                     t1 = time.perf_counter()
