@@ -76,23 +76,35 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if args.rq == "rq2":
-        from .reproduce import RQ2Config as Config, format_rq2 as fmt, run_rq2 as run
+        from .reproduce import (RQ2Config as Config, format_rq2 as fmt, plot_rq2 as plot,
+                                run_rq2 as run)
     elif args.rq == "rq3":
-        from .reproduce_rq3 import RQ3Config as Config, format_rq3 as fmt, run_rq3 as run
+        from .reproduce_rq3 import (RQ3Config as Config, format_rq3 as fmt, plot_rq3 as plot,
+                                    run_rq3 as run)
     else:
-        from .reproduce_rq4 import RQ4Config as Config, format_rq4 as fmt, run_rq4 as run
+        from .reproduce_rq4 import (RQ4Config as Config, format_rq4 as fmt, plot_rq4 as plot,
+                                    run_rq4 as run)
     try:
         config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs)
     except ValueError as exc:
         print(f"neuslice reproduce {args.rq}: {exc}", file=sys.stderr)
         return 2
-    text = fmt(run(config), args.setting)
+    rows = run(config)
+    text = fmt(rows, args.setting)
     print(text)
     print(f"({time.perf_counter() - t0:.0f}s)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.rq}_{args.setting}.txt"), "w") as f:
+        stem = os.path.join(args.out, f"{args.rq}_{args.setting}")
+        with open(stem + ".txt", "w") as f:
             f.write(text + "\n")
+        try:
+            plot(rows, args.setting, stem + ".png")
+        except ImportError as exc:
+            print(f"neuslice reproduce {args.rq}: no plot written ({exc})", file=sys.stderr)
+            print(f"table: {stem}.txt")
+        else:
+            print(f"table: {stem}.txt\nplot: {stem}.png")
     return 0
 
 
@@ -122,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "cnn-mnist"])
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--epochs", type=int, default=10)
-    r.add_argument("--out", default=None, help="folder to write the table to")
+    r.add_argument("--out", default=None, help="folder to write the table (.txt) and the plot "
+                                               "(.png) to")
     r.set_defaults(func=_reproduce)
     i = sub.add_parser("info", help="print versions and which op backends are live")
     i.set_defaults(func=_info)

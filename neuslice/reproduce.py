@@ -22,12 +22,13 @@ from torch import nn
 from . import categorywise_slice, global_slice, profile, semantic_slice
 from .data import make_loader
 from .pruning import iterative_prune
+from .report_plots import Panel, bar_panels, mean_std, seeds_note
 from .restructure import restructure
 from .train import cached_model, evaluate, fit_epochs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SETTINGS", "RQ2Config", "run_rq2", "format_rq2", "PAPER_RQ2_MLP_MNIST"]
+__all__ = ["SETTINGS", "RQ2Config", "run_rq2", "format_rq2", "plot_rq2", "PAPER_RQ2_MLP_MNIST"]
 
 SETTINGS = {"mlp-mnist": ("mlp", "mnist5k"), "mlp-digits": ("mlp", "digits"),
             "cnn-mnist": ("cnn", "mnist5k")}
@@ -172,3 +173,23 @@ def format_rq2(rows: dict[str, RQ2Row], setting: str) -> str:
             line += f"   |        {cr:>6.2f}{ni:>4}{ma:>7.2f}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def plot_rq2(rows: dict[str, RQ2Row], setting: str, path) -> str:
+    """PNG of :func:`run_rq2`'s rows: CR, NI and MA per pruning method (groups) without and with
+    restructuring by each slice (bars), mean ± std over seeds. Returns ``path``."""
+    groups = [label for _, label in PRUNERS]
+    names = {"": "no restructuring", "Global+": "Global slice",
+             "Category-wise+": "Category-wise slice", "NeuSemSlice+": "NeuSemSlice"}
+    panels = []
+    for attr, title, ylabel, scale in (("cr", "compression rate (CR)", "%", 100),
+                                       ("ni", "kept pruning rounds (NI)", "rounds", 1),
+                                       ("ma", "accuracy after pruning (MA)", "%", 100)):
+        panel = Panel(title, ylabel, groups, zoom=attr == "ma")
+        for _, prefix in VARIANTS:
+            stats = [mean_std(getattr(rows[f"{prefix}{g}"], attr), scale)
+                     if f"{prefix}{g}" in rows else (None, None) for g in groups]
+            panel.series[names[prefix]] = ([m for m, _ in stats], [s for _, s in stats])
+        panels.append(panel)
+    n = len(next(iter(rows.values())).cr)
+    return bar_panels(panels, path, title=f"RQ2 model restructure, {setting} ({seeds_note(n)})")

@@ -41,6 +41,7 @@ from .data import DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, make_loader
 from .deeparc import deeparc
 from .optim import trainable_fraction
 from .readapt import ATTACKS, adversarial_dataset, evaluate_readaptation, make_attack, readapt
+from .report_plots import Panel, bar_panels, mean_std, seeds_note
 from .reproduce import _matched_categorywise, _ms
 from .slicing import Slice
 from .train import cached_model, evaluate
@@ -48,7 +49,7 @@ from .train import cached_model, evaluate
 logger = logging.getLogger(__name__)
 
 __all__ = ["RQ3_SETTINGS", "RQ3_EPS", "METHODS", "RQ3Config", "RQ3Row", "run_rq3", "format_rq3",
-           "PAPER_RQ3"]
+           "plot_rq3", "PAPER_RQ3"]
 
 # setting -> (model, dataset, normalisation mean, std)
 RQ3_SETTINGS = {"mlp-mnist": ("mlp", "mnist5k", MNIST_MEAN, MNIST_STD),
@@ -229,3 +230,24 @@ def format_rq3(rows: dict[tuple[str, str], RQ3Row], setting: str) -> str:
         lines.append("paper: its RA is on the adversarial samples used for re-adaptation; ours is "
                      "on held-out adversarial test samples.")
     return "\n".join(lines)
+
+
+def plot_rq3(rows: dict[tuple[str, str], RQ3Row], setting: str, path) -> str:
+    """PNG of :func:`run_rq3`'s rows: one panel per attack, RA and RAA per method (bars,
+    mean ± std over seeds), the original model's accuracy on the adversarial test set as a
+    dashed line. Returns ``path``."""
+    attacks = list(dict.fromkeys(a for _, a in rows))
+    panels = []
+    for attack in attacks:
+        methods = [m for (m, a) in rows if a == attack]
+        panel = Panel(f"{attack.upper()}", "accuracy %", methods, ylim=(0, 102),
+                      hline=mean_std(next(rows[m, attack] for m in methods).original_adv,
+                                     100)[0],
+                      hline_label="original model on the adversarial test set")
+        for attr, name in (("ra", "RA (adversarial test set)"),
+                           ("raa", "RAA (re-attacked)")):
+            stats = [mean_std(getattr(rows[m, attack], attr), 100) for m in methods]
+            panel.series[name] = ([m for m, _ in stats], [s for _, s in stats])
+        panels.append(panel)
+    n = len(next(iter(rows.values())).ra)
+    return bar_panels(panels, path, title=f"RQ3 re-adaptation, {setting} ({seeds_note(n)})")

@@ -1,7 +1,8 @@
 """Reproduction of the paper's incremental-development experiment (RQ4, Table 7).
 
 Scenarios: ``ab`` (task A = classes 0-4, then B = 5-9) and ``abc`` (A = 0-2, B = 3-5,
-C = 6-9) on one shared 10-way MLP. Methods, in the paper's order: ``original`` (A only),
+C = 6-9) on one shared 10-way model (the paper's MLP, or the BatchNorm SmallCNN for
+``cnn-mnist``). Methods, in the paper's order: ``original`` (A only),
 ``retrain`` (all data), ``replay5/10/100``, ``deeparc`` (after A, train only the layers DeepArc
 finds redundant plus the head rows of the new classes), ``global`` and ``categorywise`` slicing
 (slices matched in size to the semantic one, task by task), ``neusemslice`` and
@@ -22,6 +23,7 @@ slower with several threads on a busy CPU.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,17 +37,20 @@ from .data import load_digits, load_mnist5k, make_loader
 from .deeparc import deeparc, freeze_except
 from .incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
                           task_accuracy_any)
-from .models import MLP
+from .models import MLP, SmallCNN
 from .profile import profile
+from .report_plots import Panel, bar_panels, mean_std, seeds_note
 from .reproduce import _matched_categorywise, _ms
 from .slicing import Slice, global_slice, semantic_slice
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RQ4_SETTINGS", "SCENARIOS", "RQ4_METHODS", "RQ4Config", "run_rq4", "format_rq4",
-           "PAPER_RQ4"]
+           "plot_rq4", "PAPER_RQ4"]
 
-RQ4_SETTINGS = {"mlp-mnist": (load_mnist5k, 784), "mlp-digits": (load_digits, 64)}
+#: setting -> (model: "mlp" = MLP(hidden), "cnn" = SmallCNN(width), data loader)
+RQ4_SETTINGS = {"mlp-mnist": ("mlp", load_mnist5k), "mlp-digits": ("mlp", load_digits),
+                "cnn-mnist": ("cnn", load_mnist5k)}
 SCENARIOS = {"ab": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
              "abc": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}
 #: (method key, label in the table), in the paper's row order.
@@ -82,7 +87,8 @@ class RQ4Config:
     metric: str = "taylor"
     threshold: float = 0.95  # NeuSemSlice CKA threshold
     scenario: str = "both"  # "ab", "abc" or "both"
-    hidden: tuple[int, ...] = (512, 256)
+    hidden: tuple[int, ...] = (512, 256)  # MLP settings
+    width: int = 16  # SmallCNN base width (cnn settings)
     deeparc_threshold: float = 0.99  # DeepArc's own consecutive-layer CKA threshold
 
     def __post_init__(self):
@@ -97,6 +103,8 @@ class RQ4Config:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"width must be a positive integer, got {self.width!r}")
 
     @property
     def scenarios(self) -> list[str]:
@@ -122,7 +130,8 @@ def _slicer(kind: str, metric: str, threshold: float) -> Callable[..., Slice]:
 def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
                  seed: int) -> list[dict[str, Any]]:
     """DeepArc baseline: learn task A normally; for later tasks train only the layers DeepArc
-    (run on task A's data) marks redundant plus the head rows of the new classes."""
+    (run on task A's data) marks redundant (with their BatchNorm) plus the head rows of the new
+    classes; the running statistics of the frozen layers' BatchNorms are kept as well."""
     model = factory()
     kw = dict(epochs=config.epochs, lr=config.lr)
     learn_task(model, train_sets[0], groups[0], seed=seed, **kw)
@@ -132,6 +141,11 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
     head = model.head
     for t in range(1, len(groups)):
         freeze_except(model, mods.redundant)
+        # Frozen layers' BatchNorm statistics would still drift in train mode: keep them.
+        frozen_stats = {id(m): {k: b.clone() for k, b in m.named_buffers(recurse=False)}
+                        for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        and not any(p.requires_grad for p in m.parameters())}
         new_rows = torch.zeros(head.out_features, dtype=torch.bool)
         new_rows[list(groups[t])] = True
         head.weight.requires_grad_(True)
@@ -145,6 +159,10 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
                 h.remove()
             for p in model.parameters():
                 p.requires_grad_(True)
+            with torch.no_grad():
+                for m in model.modules():
+                    for k, b in frozen_stats.get(id(m), {}).items():
+                        getattr(m, k).copy_(b)
         at_learning[t] = task_accuracy(model, test_sets[t], groups[t])
     seen = [c for g in groups for c in g]
     rows, n_total, aware_total, agn_total = [], 0, 0.0, 0.0
@@ -167,16 +185,21 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
 
 def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict[str, Any]]:
     """Run every method on every scenario and seed; the rows of :func:`incremental_run`
-    tagged with ``scenario``, ``seed`` and ``label``."""
-    loader, in_features = RQ4_SETTINGS[config.setting]
+    tagged with ``scenario``, ``seed``, ``label`` and ``model`` (the model's class name)."""
+    model_kind, loader = RQ4_SETTINGS[config.setting]
     out: list[dict[str, Any]] = []
     for seed in config.seeds:
         t0 = time.perf_counter()
         train, test = loader(seed=seed)
+        shape = tuple(train.tensors[0].shape[1:])
 
-        def factory(seed=seed):
+        def factory(seed=seed, shape=shape):
             torch.manual_seed(seed)
-            return MLP(in_features, config.hidden, 10)
+            if model_kind == "cnn":
+                return SmallCNN(shape[0], 10, width=config.width)
+            return MLP(math.prod(shape), config.hidden, 10)
+
+        model_name = "SmallCNN" if model_kind == "cnn" else "MLP"
 
         for scenario in config.scenarios:
             groups = SCENARIOS[scenario]
@@ -193,7 +216,8 @@ def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict
                                            slicer=_slicer(kind, config.metric, config.threshold),
                                            epochs=config.epochs, lr=config.lr, seed=seed)
                 for r in rows:
-                    r.update(method=method, label=label, scenario=scenario, seed=seed)
+                    r.update(method=method, label=label, scenario=scenario, seed=seed,
+                             model=model_name)
                 out.extend(rows)
         if progress:
             logger.warning("rq4 %s seed %d done in %.0fs", config.setting, seed,
@@ -239,3 +263,32 @@ def format_rq4(rows: list[dict[str, Any]], setting: str) -> str:
                          f"head rows): {desc}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def plot_rq4(rows: list[dict[str, Any]], setting: str, path) -> str:
+    """PNG of :func:`run_rq4`'s rows: one panel per scenario; per method (groups) the
+    task-aware accuracy of each task and the overall task-agnostic accuracy (bars, mean ± std
+    over seeds). Returns ``path``."""
+    panels = []
+    for scenario in [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]:
+        rs = [r for r in rows if r["scenario"] == scenario]
+        names = "ABC"[:len(SCENARIOS[scenario])]
+        methods = [(m, label) for m, label in RQ4_METHODS if any(r["method"] == m for r in rs)]
+        panel = Panel(f"scenario {'→'.join(names)} "
+                      f"({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} classes)",
+                      "accuracy %", [label for _, label in methods], ylim=(0, 102))
+        for t, n in enumerate(names):
+            stats = [mean_std([r["task_aware"] for r in rs if r["method"] == m
+                               and r["task"] == t], 100) for m, _ in methods]
+            panel.series[f"task {n} (task-aware)"] = ([a for a, _ in stats],
+                                                      [b for _, b in stats])
+        stats = [mean_std([r["task_agnostic"] for r in rs if r["method"] == m
+                           and r["task"] == "overall"], 100) for m, _ in methods]
+        panel.series["all tasks, task-agnostic"] = ([a for a, _ in stats], [b for _, b in stats])
+        panels.append(panel)
+    n = len({r["seed"] for r in rows})
+    return bar_panels(panels, path, title=f"RQ4 incremental development, {setting} "
+                                          f"({seeds_note(n)})", columns=1, panel_width=11.0,
+                      colors={"task A (task-aware)": "tab:grey", "task B (task-aware)": "tab:blue",
+                              "task C (task-aware)": "tab:orange",
+                              "all tasks, task-agnostic": "tab:red"})

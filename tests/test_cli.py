@@ -38,6 +38,6 @@ def test_info_prints_versions(capsys):
     assert "torch" in capsys.readouterr().out
 
 
-def test_reproduce_rejects_unsupported_setting(capsys):
-    assert main(["reproduce", "rq4", "--setting", "cnn-mnist"]) == 2
-    assert "unknown setting" in capsys.readouterr().err
+def test_reproduce_rejects_a_bad_config(capsys):
+    assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--epochs", "0"]) == 2
+    assert "epochs must be a positive integer" in capsys.readouterr().err

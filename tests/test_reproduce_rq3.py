@@ -7,14 +7,24 @@ import pytest
 pytest.importorskip("torchattacks")
 pytest.importorskip("sklearn")
 
-from neuslice.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3  # noqa: E402
+from neuslice.cli import main  # noqa: E402
+from neuslice.reproduce_rq3 import (METHODS, RQ3Config, format_rq3, plot_rq3,  # noqa: E402
+                                    run_rq3)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_rq3_digits_smoke(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path))
-    config = RQ3Config(setting="mlp-digits", seeds=(0,), epochs=3, readapt_epochs=1,
-                       attacks=("fgsm",), n_adv_train=200, n_adv_test=200)
-    rows = run_rq3(config, progress=False)
+@pytest.fixture(scope="module")
+def rq3_rows(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEUSLICE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        config = RQ3Config(setting="mlp-digits", seeds=(0,), epochs=3, readapt_epochs=1,
+                           attacks=("fgsm",), n_adv_train=200, n_adv_test=200)
+        return run_rq3(config, progress=False)
+
+
+def test_rq3_digits_smoke(rq3_rows):
+    rows = rq3_rows
     assert set(rows) == {(m, "fgsm") for m in METHODS}
     for row in rows.values():
         assert len(row.tpr) == len(row.ra) == len(row.raa) == 1
@@ -29,6 +39,27 @@ def test_rq3_digits_smoke(tmp_path, monkeypatch):
     for method in METHODS:
         assert method in text
     assert "original model" in text
+
+
+def test_rq3_plot_is_a_png(rq3_rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "rq3.png"
+    assert plot_rq3(rq3_rows, "mlp-digits", path) == str(path)
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000
+
+
+def test_rq3_cli_writes_table_and_png(rq3_rows, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import neuslice.reproduce_rq3 as rq3
+
+    monkeypatch.setattr(rq3, "run_rq3", lambda config: rq3_rows)  # the run is tested above
+    out = tmp_path / "out"
+    assert main(["reproduce", "rq3", "--setting", "mlp-digits", "--seeds", "0",
+                 "--out", str(out)]) == 0
+    assert "NeuSemSlice+DeepArc" in (out / "rq3_mlp-digits.txt").read_text()
+    data = (out / "rq3_mlp-digits.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -1,12 +1,16 @@
-"""The RQ4 (incremental development) reproduction end to end on the small digits set."""
+"""The RQ4 (incremental development) reproduction end to end on the small digits set, and on
+the SmallCNN (BatchNorm) setting in a fast mode."""
 
 import pytest
 import torch
 
-from neuslice.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
+from neuslice.cli import main
+from neuslice.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, plot_rq4, run_rq4
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: extra threads only add contention
@@ -14,10 +18,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_rq4_pipeline_on_digits(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path))
-    cfg = RQ4Config(setting="mlp-digits", seeds=(0,), epochs=3, scenario="ab", hidden=(64, 32))
-    rows = run_rq4(cfg, progress=False)
+def _run(tmp_path_factory, **kwargs):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEUSLICE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return run_rq4(RQ4Config(**kwargs), progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_rows(tmp_path_factory, one_thread):
+    return _run(tmp_path_factory, setting="mlp-digits", seeds=(0,), epochs=3, scenario="ab",
+                hidden=(64, 32))
+
+
+@pytest.fixture(scope="module")
+def cnn_rows(tmp_path_factory, one_thread):
+    # fast mode: 1 seed, 1 epoch per task, a 4-wide SmallCNN (the real run: width 16, 10 epochs)
+    return _run(tmp_path_factory, setting="cnn-mnist", seeds=(0,), epochs=1, scenario="ab",
+                width=4)
+
+
+def _check_rows(rows):
     methods = [m for m, _ in RQ4_METHODS]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -34,12 +54,49 @@ def test_rq4_pipeline_on_digits(tmp_path, monkeypatch, one_thread):
             > by[("replay10", "overall")]["memory_bytes"]
             > by[("replay5", "overall")]["memory_bytes"] > 0)
     # DeepArc trains only redundant layers and new head rows: without redundant layers A is kept
+    # (on the CNN this needs the frozen layers' BatchNorm running statistics kept as well)
     if not by[("deeparc", "overall")]["redundant_layers"]:
         assert by[("deeparc", 0)]["forgetting"] == 0
-    text = format_rq4(rows, "mlp-digits")
+    return by
+
+
+def test_rq4_pipeline_on_digits(digits_rows):
+    by = _check_rows(digits_rows)
+    assert by[("original", 0)]["model"] == "MLP"
+    text = format_rq4(digits_rows, "mlp-digits")
     for _, label in RQ4_METHODS:
         assert label in text
     assert "A→B" in text and "paper" not in text
+
+
+def test_rq4_pipeline_on_the_cnn(cnn_rows):
+    by = _check_rows(cnn_rows)
+    assert {r["model"] for r in cnn_rows} == {"SmallCNN"}
+    assert by[("original", 0)]["task_aware"] > 0.2  # learned something in one epoch (5 classes)
+    text = format_rq4(cnn_rows, "cnn-mnist")
+    assert "cnn-mnist" in text and "NeuSemSlice+Replay 10%" in text and "paper" not in text
+
+
+def test_rq4_plot_is_a_png(digits_rows, cnn_rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, rows in (("mlp-digits", digits_rows), ("cnn-mnist", cnn_rows)):
+        path = tmp_path / f"rq4_{name}.png"
+        assert plot_rq4(rows, name, path) == str(path)
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 20_000
+
+
+def test_rq4_cli_writes_table_and_png(digits_rows, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import neuslice.reproduce_rq4 as rq4
+
+    monkeypatch.setattr(rq4, "run_rq4", lambda config: digits_rows)  # the run is tested above
+    out = tmp_path / "out"
+    assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--seeds", "0",
+                 "--out", str(out)]) == 0
+    assert "Joint (all data)" in (out / "rq4_mlp-digits.txt").read_text()
+    data = (out / "rq4_mlp-digits.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -48,6 +105,7 @@ def test_rq4_pipeline_on_digits(tmp_path, monkeypatch, one_thread):
     ({"seeds": ()}, "seeds"),
     ({"epochs": 0}, "epochs"),
     ({"threshold": 1.5}, "threshold"),
+    ({"width": 0}, "width"),
 ])
 def test_rq4_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
