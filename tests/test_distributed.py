@@ -1,0 +1,131 @@
+"""Distributed profiling on torch.distributed (gloo, 2 processes on loopback) equals the
+single-process result; a rank that dies gives the others a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neuslice
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_worker import BATCH, C, data  # noqa: E402
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(WORKER),
+           "profile", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def _batches(ds, index_lists):
+    """Single-process stream with the ranks' batches interleaved (rank 0, rank 1, ...)."""
+    per_rank = [[idx[i:i + BATCH] for i in range(0, len(idx), BATCH)] for idx in index_lists]
+    out = []
+    for step in range(max(len(b) for b in per_rank)):
+        for b in per_rank:
+            if step < len(b):
+                x, y = ds[b[step]]
+                out.append((x, y))
+    return out
+
+
+def _rel(a, b):
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def _load(out, name):
+    return [neuslice.Profile.load(out / f"{name}.rank{r}.pt") for r in (0, 1)]
+
+
+def test_two_processes_equal_one_process(dist_run):
+    model, ds, _ = data()
+    idx = [torch.load(dist_run / f"indices.rank{r}.pt")["any"] for r in (0, 1)]
+    assert sorted(idx[0] + idx[1]) == list(range(len(ds)))  # a partition, no padding
+    ref = neuslice.profile(model, _batches(ds, idx), C, hsic_route="feature", progress=False)
+    p0, p1 = _load(dist_run, "feature")
+    for key, t in ref.tensors.items():
+        assert torch.equal(p0.tensors[key], p1.tensors[key]), key  # every rank: same result
+        assert _rel(p0.tensors[key], t) <= 1e-10, (key, _rel(p0.tensors[key], t))
+    for metric in ("avg", "var", "ens", "taylor", "deeplift"):
+        for th in (0.9, 0.95, 0.99):
+            a, b = neuslice.semantic_slice(p0, metric, th), neuslice.semantic_slice(ref, metric, th)
+            assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks), (metric, th)
+        a, b = neuslice.categorywise_slice(p0, metric, 0.3), neuslice.categorywise_slice(ref, metric, 0.3)
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_minibatch_route_combines_the_ranks_chunks(dist_run):
+    """Minibatch HSIC chunks are formed within each rank: the result is the chunk-weighted
+    mean of the two shards' single-process results (and the sums equal the 1-process run)."""
+    model, ds, _ = data()
+    idx = [torch.load(dist_run / f"indices.rank{r}.pt")["any"] for r in (0, 1)]
+    shards = [neuslice.profile(model, _batches(ds, [i]), C, hsic_route="minibatch", cka_batch=5,
+                               progress=False) for i in idx]
+    p0, p1 = _load(dist_run, "minibatch")
+    for layer in p0.layers:
+        w = [s.tensors[f"{layer}.hsic_weight"] for s in shards]
+        h = [s.tensors[f"{layer}.hsic"] for s in shards]
+        total = w[0] + w[1]
+        want = (h[0] * w[0].view(-1, 1, 1) + h[1] * w[1].view(-1, 1, 1)) / total.view(-1, 1, 1)
+        assert torch.equal(p0.tensors[f"{layer}.hsic_weight"], total)
+        assert _rel(p0.tensors[f"{layer}.hsic"], want) <= 1e-10
+        assert torch.equal(p0.tensors[f"{layer}.hsic"], p1.tensors[f"{layer}.hsic"])
+        for key in ("count", "deeplift", "taylor_act"):
+            both = shards[0].tensors[f"{layer}.{key}"] + shards[1].tensors[f"{layer}.{key}"]
+            assert _rel(p0.tensors[f"{layer}.{key}"], both) <= 1e-10, key
+
+
+def test_grouped_distributed_equals_one_process(dist_run):
+    model, ds, _ = data()
+    ref = neuslice.profile(model, [ds[:]], C, hsic_route="feature", progress=False,
+                           metrics=("avg", "var", "deeplift"))
+    p0, p1 = _load(dist_run, "grouped")
+    assert not p0.keeps_hsic
+    for layer in ref.layers:
+        for c in range(C):
+            for metric in ("avg", "var", "ens", "deeplift"):
+                assert _rel(p0.scores(layer, metric, c), ref.scores(layer, metric, c)) <= 1e-10
+                assert _rel(p0.curve(layer, metric, c), ref.curve(layer, metric, c)) <= 1e-9
+                assert torch.equal(p0.curve(layer, metric, c), p1.curve(layer, metric, c))
+    for metric in ("avg", "deeplift"):
+        a, b = neuslice.semantic_slice(p0, metric, 0.95), neuslice.semantic_slice(ref, metric, 0.95)
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_a_dying_rank_gives_a_clear_error(tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "die", str(tmp_path),
+                                       "--timeout", "30"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    for p in procs:
+        p.wait(timeout=180)  # would hang forever without the timeout handling
+    assert procs[1].returncode == 1
+    kind, seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 2)
+    assert kind == "DistributedProfileError", message
+    assert "rank 0 of 2" in message and "timeout" in message
+    assert float(seconds) < 60
