@@ -8,9 +8,9 @@ What grows with what (``C`` categories, a layer of ``d`` neurons over ``s`` posi
 
 * per-category scores (count, mean, M2, Taylor, DeepLIFT): ``~6·C·d`` float64 -- always;
 * HSIC accumulators -- ``category_order="any"``: one per category; ``"grouped"``: only the
-  categories in progress (≤ the categories of one batch + 1); feature route ``(d·s)²`` float64
-  plus a buffer of ``256·d·s`` values, minibatch route ``d²`` float64 plus ``cka_batch·d·s``
-  float32 pending samples;
+  categories in progress (those of the current batch); feature route ``(d·s)²`` float64
+  plus a buffer of ``256·d·s`` values per category, minibatch route ``d²`` float64 plus pending
+  samples (``cka_batch·d·s`` float32 per category; grouped: ``(cka_batch + batch)·d·s`` in all);
 * results: ``keep_hsic=True`` keeps ``C·d²`` float64 HSIC matrices; ``False`` keeps only the
   CKA prefix curves, ``C·d`` float64 per metric -- all semantic slicing needs.
 
@@ -68,10 +68,16 @@ class MemoryEstimate:
 def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool = True,
              hsic_route: str = "auto", cka_batch: int = 128, max_feature_dim: int = 2048,
              category_order: str = "any", keep_hsic: bool = True, num_metrics: int = 5,
-             batch_size: int = 1) -> MemoryEstimate:
-    """Estimate for ``layers`` given as ``(name, neurons d, positions s)``."""
+             batch_size: int = 1, open_categories: int = 2) -> MemoryEstimate:
+    """Estimate for ``layers`` given as ``(name, neurons d, positions s)``.
+
+    With ``category_order="grouped"``, ``open_categories`` HSIC accumulators are planned (2: a
+    batch spans at most two categories when every category has at least a batch of samples);
+    the profile re-checks the budget if a batch opens more.
+    """
     c = num_classes
-    slots = c if category_order == "any" else min(c, batch_size + 1)
+    grouped = category_order != "any"
+    slots = min(c, open_categories) if grouped else c
     est = MemoryEstimate(num_classes=c, slots=slots)
     parts = {"scores (per category)": 0, "HSIC accumulators": 0, "HSIC pending samples": 0,
              "HSIC results": 0}
@@ -86,8 +92,11 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
                 acc, pending = slots * 8 * (p * p + 3 * p), slots * 4 * _FEATURE_BUFFER * p
                 finalize = 16 * p * p  # one category's co-moment and its squared blocks
             else:
-                acc, pending = slots * 8 * d * d, slots * 4 * cka_batch * p
-                finalize = 0
+                acc, finalize = slots * 8 * d * d, 0
+                # grouped: only the oldest open category can hold a leftover (< cka_batch);
+                # the others hold samples of the current batch only
+                waiting = (cka_batch + batch_size) if grouped else c * cka_batch
+                pending = 4 * waiting * p
             result = 8 * c * d * d if keep_hsic else 8 * c * d * num_metrics
             parts["HSIC accumulators"] += acc + finalize
             parts["HSIC pending samples"] += pending

@@ -231,7 +231,7 @@ def _check_args(num_classes, hsic_route, cka_batch, category_order, autocast, ch
         raise ValueError(f"max_memory_gb must be a positive number, got {max_memory_gb!r}")
 
 
-def _budget_error(est, budget_gb: float, cfg: _Config) -> MemoryBudgetError:
+def _budget_error(est, budget_gb: float, cfg: _Config, why: str = "") -> MemoryBudgetError:
     hints = []
     if cfg.category_order == "any" and cfg.hsic and cfg.num_classes > 2:
         hints.append("category_order='grouped' with the data sorted by category "
@@ -243,7 +243,7 @@ def _budget_error(est, budget_gb: float, cfg: _Config) -> MemoryBudgetError:
     hints.append("a smaller cka_batch, hsic_route='minibatch', fewer layers, or a larger "
                  "max_memory_gb")
     return MemoryBudgetError(
-        f"neuslice.profile would need about {est.total / GiB:.2f} GiB, over "
+        f"{why}neuslice.profile would need about {est.total / GiB:.2f} GiB, over "
         f"max_memory_gb={budget_gb}.\n{est.table()}\nTo fit: " + "; ".join(hints) + ".")
 
 
@@ -254,6 +254,7 @@ class _Run:
         self.states, self.cfg, self.reducer = states, cfg, reducer
         self.frontier = 0  # grouped: categories < frontier are finished
         self.last_label = -1
+        self.planned_open = 2
         self.batches = 0
         self.digest = ""
 
@@ -280,6 +281,8 @@ class _Run:
     def finish_categories(self, upto: int) -> None:
         """Grouped order: finish every category below ``upto``."""
         for c in range(self.frontier, upto):
+            if not self._has_data(c):
+                continue
             accs = {n: st.take(c) for n, st in self.states.items()}
             self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
                           for n, st in self.states.items()])
@@ -287,6 +290,24 @@ class _Run:
                 st.after_reduce(accs[n])
                 st.store(accs[n], [c])
         self.frontier = max(self.frontier, upto)
+
+    def _has_data(self, c: int) -> bool:
+        """Whether any rank saw category ``c`` (absent categories cost nothing to finish)."""
+        st = next(iter(self.states.values()))
+        seen = torch.tensor([float(st.moments.count[c] > 0)], dtype=ACC)
+        if self.reducer is not None:
+            self.reducer.sum_([seen], "checking which categories have data")
+        return bool(seen > 0)
+
+    def check_open(self, budget_gb: float, plan) -> None:
+        """Grouped order: re-check the budget when a batch opens more categories than planned."""
+        n_open = max(len(st.open) for st in self.states.values())
+        if n_open > self.planned_open:
+            self.planned_open = n_open
+            est = plan(n_open)
+            if est.total > budget_gb * GiB:
+                raise _budget_error(est, budget_gb, self.cfg, f"{n_open} categories are open "
+                                    f"at once (a batch spans that many categories); ")
 
     def finish(self) -> None:
         c = self.cfg.num_classes
@@ -447,11 +468,16 @@ def profile(
                 first = (first[0].to(device), first[1])
             positions, feat_dtype, input_shape = _layer_shapes(work_model, sliced, first, reducer,
                                                                autocast)
-            est = estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
-                           num_classes, hsic=hsic, hsic_route=hsic_route, cka_batch=cka_batch,
-                           max_feature_dim=max_feature_dim, category_order=category_order,
-                           keep_hsic=keep_hsic, num_metrics=len(scorable(metrics)),
-                           batch_size=first[0].shape[0] if first is not None else 1)
+            batch_size = max([b[0].shape[0] for b in pulled] + [1])
+
+            def plan(open_categories=2):
+                return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
+                                num_classes, hsic=hsic, hsic_route=hsic_route,
+                                cka_batch=cka_batch, max_feature_dim=max_feature_dim,
+                                category_order=category_order, keep_hsic=keep_hsic,
+                                num_metrics=len(scorable(metrics)), batch_size=batch_size,
+                                open_categories=open_categories)
+            est = plan()
             if est.total > max_memory_gb * GiB:
                 raise _budget_error(est, max_memory_gb, cfg)
             logger.info("%s", est.table())
@@ -497,6 +523,8 @@ def profile(
                     t1 = time.perf_counter()
                     if "deeplift" in metrics:
                         deeplift_pass(work_model, sliced, states, x, y, cfg)
+                    if category_order == "grouped" and hsic:
+                        run.check_open(max_memory_gb, plan)
                     timings["forward"] += t1 - t0
                     timings["deeplift"] += time.perf_counter() - t1
                 run.batches = i + 1

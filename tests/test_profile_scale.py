@@ -171,3 +171,29 @@ def test_autocast_stays_close_to_float32(dtype, tol):
 
 def build(kind, dtype=torch.float64):
     return _build(kind, dtype)[0]
+
+
+def test_grouped_budget_rechecked_when_a_batch_opens_many_categories():
+    """Tiny categories: one batch spans many of them; the plan of 2 open categories is
+    re-checked at run time and a budget it no longer fits is refused."""
+    from neuslice.layers import find_layers
+    from neuslice.memory import estimate
+
+    n_cls = 40
+    model = build("mlp")
+    with torch.no_grad():
+        model.head = torch.nn.Linear(8, n_cls, dtype=torch.float64)
+    x = torch.randn(2 * n_cls, 12, dtype=torch.float64)
+    y = torch.arange(n_cls).repeat_interleave(2)
+    shapes = [(l.name, l.num_neurons, 1) for l in find_layers(model)]
+    kw = dict(hsic_route="feature", category_order="grouped", keep_hsic=False, batch_size=20)
+    two, ten = estimate(shapes, n_cls, open_categories=2, **kw), estimate(shapes, n_cls,
+                                                                         open_categories=10, **kw)
+    budget = (two.total + ten.total) / 2 / 2**30
+    before = snapshot(model)
+    with pytest.raises(MemoryBudgetError, match="10 categories are open at once"):
+        _prof(model, _grouped(x, y, 20, shuffle=False), num_classes=n_cls, hsic_route="feature",
+              category_order="grouped", max_memory_gb=budget)
+    assert_same_snapshot(before, snapshot(model))
+    _prof(model, _grouped(x, y, 4, shuffle=False), num_classes=n_cls, hsic_route="feature",
+          category_order="grouped", max_memory_gb=budget)  # 2 categories per batch: fits
