@@ -137,17 +137,15 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
         g = torch.zeros_like(t) if g is None else g
         wd = work_dtype(t)
         per[(l.name, key)] = (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
-    c = cfg.num_classes
-    n_b = torch.bincount(y, minlength=c).to(ACC)
-    present = n_b > 0
+    cats, inv, n_b = torch.unique(y, return_inverse=True, return_counts=True)  # present ones
     for l in layers:
         st = states[l.name]
         if "taylor" in cfg.metrics:
             t = per[(l.name, "z")] + per.get((l.name, "u"), 0)
-            sums = torch.zeros(c, t.shape[1], dtype=ACC, device=t.device).index_add_(0, y, t)
-            st.sums["taylor"] += torch.where(present.unsqueeze(1),
-                                             (sums / n_b.clamp(min=1).unsqueeze(1)).square(), 0)
-            st.sums["taylor_batches"] += present.to(ACC)
+            sums = torch.zeros(cats.numel(), t.shape[1], dtype=ACC,
+                               device=t.device).index_add_(0, inv, t)
+            st.sums["taylor"][cats] += (sums / n_b.unsqueeze(1).to(ACC)).square()
+            st.sums["taylor_batches"][cats] += 1
             st.sums["taylor_all"] += (t.sum(0) / t.shape[0]).square()
             st.sums["taylor_all_batches"] += 1
         if "taylor_act" in cfg.metrics:

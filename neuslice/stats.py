@@ -73,14 +73,16 @@ class MomentAccumulator(_Stateful):
 
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
         values = values.to(ACC)
-        c = self.count.shape[0]
-        n_b = torch.bincount(labels, minlength=c)
-        sums = torch.zeros_like(self.mean).index_add_(0, labels, values)
-        mean_b = sums / n_b.clamp(min=1).unsqueeze(1).to(ACC)
-        dev = values - mean_b[labels]
-        m2_b = torch.zeros_like(self.m2).index_add_(0, labels, dev * dev)
-        self.count, self.mean, self.m2 = merge_moments(
-            self.count, self.mean, self.m2, n_b, mean_b, m2_b)
+        # only the categories present in the batch are touched: O(batch·d), not O(C·d)
+        cats, inv, n_b = torch.unique(labels, return_inverse=True, return_counts=True)
+        sums = torch.zeros(cats.numel(), values.shape[1], dtype=ACC,
+                           device=values.device).index_add_(0, inv, values)
+        mean_b = sums / n_b.unsqueeze(1).to(ACC)
+        dev = values - mean_b[inv]
+        m2_b = torch.zeros_like(sums).index_add_(0, inv, dev * dev)
+        n, mean, m2 = merge_moments(self.count[cats], self.mean[cats], self.m2[cats],
+                                    n_b, mean_b, m2_b)
+        self.count[cats], self.mean[cats], self.m2[cats] = n, mean, m2
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Count, mean and M2 over all categories together (exact merge)."""
