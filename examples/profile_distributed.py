@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="checkpoint path (every 5 batches)")
     ap.add_argument("--resume", action="store_true", help="resume from --checkpoint")
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--metric", default="deeplift",
+                    help="deeplift/avg/var/ens are sums over samples: identical for any number of "
+                         "ranks; taylor is defined per batch, so it follows the ranks' batches")
     args = ap.parse_args()
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -46,7 +49,7 @@ def main() -> None:
         model, loader, 10, category_order="grouped" if args.grouped else "any",
         checkpoint=args.checkpoint, checkpoint_every=5,
         resume=args.checkpoint if args.resume else None, progress=rank == 0)
-    sl = neuslice.semantic_slice(prof, "taylor", args.threshold)
+    sl = neuslice.semantic_slice(prof, args.metric, args.threshold)
     if rank == 0:
         n = int(prof.counts().sum())
         print(f"profiled {n} images on {dist.get_world_size() if distributed else 1} process(es); "

@@ -129,3 +129,20 @@ def test_a_dying_rank_gives_a_clear_error(tmp_path):
     assert kind == "DistributedProfileError", message
     assert "rank 0 of 2" in message and "timeout" in message
     assert float(seconds) < 60
+
+
+def test_example_script_two_ranks_match_one(tmp_path):
+    """examples/profile_distributed.py prints the same slice with 1 and 2 processes."""
+    script = Path(__file__).parents[1] / "examples" / "profile_distributed.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                          "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={_free_port()}", str(script)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    line = lambda out: [l for l in out.splitlines() if l.startswith("profiled")][0]  # noqa: E731
+    a, b = line(one.stdout), line(two.stdout)
+    assert "on 1 process" in a and "on 2 process" in b
+    assert a.split(";", 1)[1] == b.split(";", 1)[1]  # same slice and compression rate
