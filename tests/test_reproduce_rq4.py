@@ -95,6 +95,7 @@ def test_rq4_cli_writes_table_and_png(digits_rows, tmp_path, monkeypatch):
     assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--seeds", "0",
                  "--out", str(out)]) == 0
     assert "Joint (all data)" in (out / "rq4_mlp-digits.txt").read_text()
+    assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--threads", "0"]) == 2
     data = (out / "rq4_mlp-digits.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
