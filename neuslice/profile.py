@@ -53,7 +53,9 @@ class Profile:
     ``tensors`` holds, for each layer ``L``: ``L.count`` (C,), ``L.mean`` / ``L.m2`` (C, d)
     moments of the per-sample neuron value, ``L.taylor`` / ``L.taylor_batches`` and their
     whole-data versions ``L.taylor_all`` / ``L.taylor_all_batches``, ``L.taylor_act``,
-    ``L.deeplift`` (sums over samples), and ``L.hsic`` (C, d, d) with ``L.hsic_weight`` (C,).
+    ``L.deeplift`` (sums over samples), ``L.hsic_weight`` (C,) and either ``L.hsic`` (C, d, d)
+    (``keep_hsic=True``) or ``L.curve.<metric>`` (C, d): the CKA of every top-k prefix of the
+    neurons ranked by that metric (``keep_hsic=False``, the bounded-memory form).
     """
 
     layers: list[str]
