@@ -43,13 +43,15 @@ def profile_all(out: Path, rank: int) -> None:
     torch.save({"any": list(sampler), "grouped": list(grouped)}, out / f"indices.rank{rank}.pt")
 
 
-def die(out: Path, rank: int) -> None:
+def die(out: Path, rank: int, stall: bool = False) -> None:
     model, ds, _ = data()
     loader = DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds, shuffle=False))
 
     def failing():
         for i, batch in enumerate(loader):
             if i == 1:
+                if stall:  # alive but stuck (a hung data loader, a deadlocked worker...)
+                    time.sleep(3600)
                 raise RuntimeError("simulated failure on rank 1")
             yield batch
 
@@ -66,7 +68,7 @@ def die(out: Path, rank: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["profile", "die"])
+    ap.add_argument("mode", choices=["profile", "die", "stall"])
     ap.add_argument("out")
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args()
@@ -74,7 +76,10 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     out = Path(args.out)
     rank = dist.get_rank()
-    (profile_all if args.mode == "profile" else die)(out, rank)
+    if args.mode == "profile":
+        profile_all(out, rank)
+    else:
+        die(out, rank, stall=args.mode == "stall")
     if args.mode == "profile":
         dist.destroy_process_group()
 

@@ -113,22 +113,27 @@ def test_grouped_distributed_equals_one_process(dist_run):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 
-def test_a_dying_rank_gives_a_clear_error(tmp_path):
+@pytest.mark.parametrize("mode,timeout", [("die", 30), ("stall", 5)])
+def test_a_dying_or_stuck_rank_gives_a_clear_error(tmp_path, mode, timeout):
+    """A crashed rank (its sockets close) or a stuck one (the process group's timeout expires):
+    the other rank raises DistributedProfileError instead of hanging."""
     port = _free_port()
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "die", str(tmp_path),
-                                       "--timeout", "30"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT))
-    for p in procs:
-        p.wait(timeout=180)  # would hang forever without the timeout handling
-    assert procs[1].returncode == 1
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(tmp_path),
+                                       "--timeout", str(timeout)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        procs[0].wait(timeout=180)  # would hang forever without the timeout handling
+    finally:
+        procs[1].kill()
+        procs[1].wait()
     kind, seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 2)
     assert kind == "DistributedProfileError", message
     assert "rank 0 of 2" in message and "timeout" in message
-    assert float(seconds) < 60
+    assert float(seconds) < timeout + 60
 
 
 def test_example_script_two_ranks_match_one(tmp_path):
