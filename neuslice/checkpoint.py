@@ -55,9 +55,18 @@ def rank_path(path: str | os.PathLike, rank: int, world: int) -> str:
     return path if world <= 1 else f"{path}.rank{rank}-of-{world}"
 
 
-def save(path: str, payload: dict) -> bool:
-    """Write atomically; on failure (full disk, ...) warn, keep the previous file, return False."""
+def previous(path: str) -> str:
+    return f"{path}.prev"
+
+
+def save(path: str, payload: dict, keep_previous: bool = False) -> bool:
+    """Write atomically; on failure (full disk, ...) warn, keep the previous file, return False.
+
+    ``keep_previous`` first moves the current file to ``<path>.prev``: ranks that checkpoint at
+    the same round can then always agree on a round every rank still has."""
     try:
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous(path))
         atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
         return True
     except OSError as exc:
@@ -103,3 +112,15 @@ def check_compatible(blob: dict, expect: dict, path) -> None:
                 detail = ""
             raise ValueError(f"cannot resume from {path}: {why}{detail}. Resume with the same "
                              f"model, data and arguments, or start without resume=.")
+
+
+def generations(path: str) -> dict[int, str]:
+    """``{round: file}`` of the readable checkpoints at ``path`` and ``<path>.prev``."""
+    out = {}
+    for p in (path, previous(path)):
+        if os.path.exists(p):
+            try:
+                out[int(load(p).get("rounds", -1))] = p
+            except ValueError:
+                continue
+    return out

@@ -91,6 +91,13 @@ class Reducer:
                 t.copy_(flat[offset:offset + n].view_as(t))
                 offset += n
 
+    def max_(self, t: torch.Tensor, what: str = "agreeing on progress") -> torch.Tensor:
+        """Element-wise maximum over ranks (in place)."""
+        flat = t.reshape(-1).to(self.device)
+        self._call(what, self.dist.all_reduce, flat, op=self.dist.ReduceOp.MAX, group=self.group)
+        t.copy_(flat.view_as(t))
+        return t
+
     def moments_(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  what: str = "merging moments") -> None:
         """In-place merge of ``(count, mean, M)`` triples over ranks.

@@ -257,6 +257,7 @@ class _Run:
         self.frontier = 0  # grouped: categories < frontier are finished
         self.last_label = -1
         self.planned_open = 2
+        self.rounds = 0  # synchronised steps (several ranks, grouped order)
         self.batches = 0
         self.digest = ""
 
@@ -311,6 +312,17 @@ class _Run:
                 raise _budget_error(est, budget_gb, self.cfg, f"{n_open} categories are open "
                                     f"at once (a batch spans that many categories); ")
 
+    def sync(self, done: bool) -> bool:
+        """Several ranks, grouped order: once per batch, every rank finishes the categories all
+        ranks have passed, so the collectives (and checkpoints) happen in the same order on every
+        rank. Returns True when every rank has consumed its data."""
+        local = self.cfg.num_classes if done else max(self.last_label, 0)
+        t = torch.tensor([-float(local), 0.0 if done else 1.0], dtype=ACC)
+        self.reducer.max_(t)
+        self.finish_categories(int(-t[0]))
+        self.rounds += 1
+        return float(t[1]) == 0.0
+
     def finish(self) -> None:
         c = self.cfg.num_classes
         if self.cfg.category_order == "grouped" or not self.cfg.hsic:
@@ -327,13 +339,13 @@ class _Run:
             st.store(st.acc, list(range(c)))
 
     def state_dict(self) -> dict:
-        return {"frontier": self.frontier, "last_label": self.last_label,
+        return {"frontier": self.frontier, "last_label": self.last_label, "rounds": self.rounds,
                 "batches": self.batches, "digest": self.digest,
                 "states": {n: st.state_dict() for n, st in self.states.items()}}
 
     def load_state_dict(self, blob: dict) -> None:
         self.frontier, self.batches = int(blob["frontier"]), int(blob["batches"])
-        self.last_label = int(blob["last_label"])
+        self.last_label, self.rounds = int(blob["last_label"]), int(blob["rounds"])
         for n, st in self.states.items():
             st.load_state_dict(blob["states"][n])
 
@@ -493,8 +505,17 @@ def profile(
                 expect = {"fingerprint": fingerprint, "weights": ckpt.weights_digest(model),
                           "layers": [l.name for l in sliced], "config": cfg.key(),
                           "positions": positions, "world": [rank, world]}
+            synced = reducer is not None and category_order == "grouped" and hsic
             if resume is not None:
                 rpath = ckpt.rank_path(resume, rank, world)
+                if synced:  # resume every rank from the same round
+                    have = ckpt.generations(rpath)
+                    common = set.intersection(*(set(h) for h in reducer.gather_objects(
+                        sorted(have), "agreeing on the checkpoint round to resume from")))
+                    if not common:
+                        raise ValueError(f"cannot resume from {rpath}: the ranks' checkpoints "
+                                         f"have no round in common; start without resume=.")
+                    rpath = have[max(common)]
                 blob = ckpt.load(rpath)
                 ckpt.check_compatible(blob, expect, rpath)
                 run.load_state_dict(blob)
@@ -519,7 +540,8 @@ def profile(
                     x, y = x.to(device), y.to(device)
                     if category_order == "grouped" and hsic:
                         run.check_sorted(y, i)
-                        run.finish_categories(int(y[0]))
+                        if not synced:
+                            run.finish_categories(int(y[0]))
                     t0 = time.perf_counter()
                     forward_pass(work_model, sliced, states, x, y, cfg)
                     t1 = time.perf_counter()
@@ -531,11 +553,19 @@ def profile(
                     timings["deeplift"] += time.perf_counter() - t1
                 run.batches = i + 1
                 run.digest = digest
-                if cpath is not None and run.batches % checkpoint_every == 0:
-                    ckpt.save(cpath, {**expect, **run.state_dict(), "timings": timings})
+                if synced:
+                    run.sync(done=False)
+                if cpath is not None and (run.rounds if synced else run.batches) % \
+                        checkpoint_every == 0:
+                    ckpt.save(cpath, {**expect, **run.state_dict(), "timings": timings},
+                              keep_previous=synced)
             if i < skip - 1:
                 raise ValueError(f"cannot resume from {rpath}: it has consumed {skip} batches but "
                                  f"the loader yields only {i + 1}. Use the same data and batch size.")
+            while synced and not run.sync(done=True):  # keep step with ranks that have more data
+                if cpath is not None and run.rounds % checkpoint_every == 0:
+                    ckpt.save(cpath, {**expect, **run.state_dict(), "timings": timings},
+                              keep_previous=True)
             t0 = time.perf_counter()
             run.finish()
             timings["hsic_finalize"] = time.perf_counter() - t0

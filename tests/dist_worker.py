@@ -66,9 +66,33 @@ def die(out: Path, rank: int, stall: bool = False) -> None:
             os._exit(1)  # die like a crashed worker: no clean shutdown
 
 
+def grouped_checkpoint(out: Path, rank: int, resume: bool) -> None:
+    """Grouped order with a checkpoint every round; crash part-way, or resume."""
+    model, ds, y = data()
+    loader = DataLoader(ds, batch_size=BATCH, sampler=CategoryGroupedSampler(y, shuffle=True, seed=1))
+
+    def crash_at(k):
+        for i, batch in enumerate(loader):
+            if i == k:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    kw = dict(hsic_route="feature", category_order="grouped", progress=False,
+              checkpoint=out / "g.ckpt", checkpoint_every=1)
+    if resume:
+        p = neuslice.profile(model, loader, C, resume=out / "g.ckpt", **kw)
+        p.save(out / f"gresumed.rank{rank}.pt")
+        return
+    try:
+        neuslice.profile(model, crash_at(3 + rank), C, **kw)
+    except Exception as exc:
+        (out / f"crash{rank}.txt").write_text(type(exc).__name__)
+        os._exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["profile", "die", "stall"])
+    ap.add_argument("mode", choices=["profile", "die", "stall", "gcrash", "gresume"])
     ap.add_argument("out")
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args()
@@ -78,9 +102,11 @@ def main() -> None:
     rank = dist.get_rank()
     if args.mode == "profile":
         profile_all(out, rank)
+    elif args.mode in ("gcrash", "gresume"):
+        grouped_checkpoint(out, rank, resume=args.mode == "gresume")
     else:
         die(out, rank, stall=args.mode == "stall")
-    if args.mode == "profile":
+    if args.mode in ("profile", "gresume"):
         dist.destroy_process_group()
 
 

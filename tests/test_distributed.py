@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import neuslice
+from neuslice import checkpoint as ckpt
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_worker import BATCH, C, data  # noqa: E402
@@ -111,6 +112,37 @@ def test_grouped_distributed_equals_one_process(dist_run):
     for metric in ("avg", "deeplift"):
         a, b = neuslice.semantic_slice(p0, metric, 0.95), neuslice.semantic_slice(ref, metric, 0.95)
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def _two_ranks(mode, out, timeout=30):
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out),
+                                       "--timeout", str(timeout)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=180)[0].decode()[-3000:] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def test_grouped_distributed_resume_after_a_crash(dist_run, tmp_path):
+    """Both ranks crash part-way (at different batches); rank 1's newest checkpoint is lost as
+    if it died while writing it; resuming agrees on the newest round both ranks still have and
+    gives the uninterrupted result."""
+    codes, outs = _two_ranks("gcrash", tmp_path)
+    assert codes == [1, 1], outs
+    latest = {r: ckpt.load(ckpt.rank_path(tmp_path / "g.ckpt", r, 2))["rounds"] for r in (0, 1)}
+    assert latest[0] == latest[1] == 3
+    os.remove(ckpt.rank_path(tmp_path / "g.ckpt", 1, 2))  # only round 2 (.prev) left on rank 1
+    codes, outs = _two_ranks("gresume", tmp_path)
+    assert codes == [0, 0], outs
+    ref = _load(dist_run, "grouped")[0]
+    for r in (0, 1):
+        got = neuslice.Profile.load(tmp_path / f"gresumed.rank{r}.pt")
+        for key, t in ref.tensors.items():
+            assert _rel(got.tensors[key], t) <= 1e-12, (r, key)
 
 
 @pytest.mark.parametrize("mode,timeout", [("die", 30), ("stall", 5)])
