@@ -10,6 +10,7 @@ Profile a model once, slice it with any strategy and metric, and evaluate or mai
 
 from . import cka
 from . import zoo
+from .batchnorm import recalibrate_batchnorm
 from .layers import find_layers, model_fingerprint
 from .masking import masked
 from .optim import MaskedOptimizer, trainable_fraction
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice", "global_slice",
     "categorywise_slice", "semantic_slice", "random_slice", "masked", "restructure", "MaskedOptimizer",
-    "trainable_fraction", "find_layers",
+    "trainable_fraction", "find_layers", "recalibrate_batchnorm",
     "model_fingerprint", "__version__",
 ]
