@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._progress import progress as progress_bar
+from .batchnorm import recalibrate_batchnorm
 from .masking import masked
 from .profile import METRICS, Profile
 from .train import evaluate
@@ -74,9 +75,17 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
 
 
 def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepConfig = SweepConfig(),
-                  progress: bool = True) -> tuple[float, list[SweepRow]]:
-    """Evaluate every (strategy, metric, setting); returns (unmasked accuracy, rows)."""
+                  progress: bool = True, recalibrate_with=None,
+                  recalibrate_batches: int | None = 4) -> tuple[float, list[SweepRow]]:
+    """Evaluate every (strategy, metric, setting); returns (unmasked accuracy, rows).
+
+    ``recalibrate_with`` (a loader of training batches): evaluate every slice, and its random
+    floor, on a copy whose BatchNorm statistics were re-estimated under that slice
+    (``neuslice.recalibrate_batchnorm``, first ``recalibrate_batches`` batches).
+    """
     x, y = _as_tensors(test_data)
+    if recalibrate_with is not None:
+        config = _Recalibrating(config, recalibrate_with, recalibrate_batches)
     base = accuracy(model, x, y, config.batch_size)
     jobs = []
     for metric in config.metrics:
@@ -94,13 +103,28 @@ def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepCo
     return base, rows
 
 
-def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config) -> SweepRow:
+class _Recalibrating:
+    """A SweepConfig plus the data to recalibrate BatchNorm with."""
+
+    def __init__(self, config: SweepConfig, loader, batches):
+        self.config, self.loader, self.batches = config, loader, batches
+
+    def __getattr__(self, name):
+        return getattr(self.config, name)
+
+
+def _masked_accuracy(model, sl: Slice, x, y, config) -> float:
+    if isinstance(config, _Recalibrating):
+        model = recalibrate_batchnorm(model, sl, config.loader, num_batches=config.batches,
+                                      progress=False)
     with masked(model, sl):
-        acc = accuracy(model, x, y, config.batch_size)
-    rand = []
-    for seed in range(config.random_repeats):
-        with masked(model, random_slice(sl, seed=seed)):
-            rand.append(accuracy(model, x, y, config.batch_size))
+        return accuracy(model, x, y, config.batch_size)
+
+
+def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config) -> SweepRow:
+    acc = _masked_accuracy(model, sl, x, y, config)
+    rand = [_masked_accuracy(model, random_slice(sl, seed=seed), x, y, config)
+            for seed in range(config.random_repeats)]
     return SweepRow(strategy=strategy, metric=metric, setting=setting,
                     compression_rate=sl.compression_rate(model), accuracy=acc,
                     random_accuracy=float(np.mean(rand)) if rand else float("nan"),

@@ -80,3 +80,27 @@ def test_bad_input():
         recalibrate_batchnorm(model, None, [(x[:1], y[:1])], progress=False)
     with pytest.raises(ValueError, match="num_batches"):
         recalibrate_batchnorm(model, None, [(x, y)], num_batches=0, progress=False)
+
+
+def test_masking_sweep_can_recalibrate():
+    from neuslice.evaluate import SweepConfig, accuracy, masking_sweep
+
+    model, (x, y), _, _ = build("cnn")
+    model.eval()
+    loader = [(x[i:i + 9], y[i:i + 9]) for i in range(0, 45, 9)]
+    prof = neuslice.profile(model, loader, 3, progress=False)
+    cfg = SweepConfig(metrics=("avg",), ratios=(0.5,), thresholds=(0.95,), random_repeats=1)
+    before = snapshot(model)
+    _, plain = masking_sweep(model, prof, (x, y), cfg, progress=False)
+    _, recal = masking_sweep(model, prof, (x, y), cfg, progress=False, recalibrate_with=loader,
+                             recalibrate_batches=2)
+    assert_same_snapshot(before, snapshot(model))
+    for a, b in zip(plain, recal):
+        sl = neuslice.global_slice(prof, "avg", 0.5) if a.strategy == "global" else (
+            neuslice.categorywise_slice(prof, "avg", 0.5) if a.strategy == "categorywise" else
+            neuslice.semantic_slice(prof, "avg", 0.95))
+        fixed = recalibrate_batchnorm(model, sl, loader, num_batches=2, progress=False)
+        with neuslice.masked(fixed, sl):
+            assert b.accuracy == accuracy(fixed, x, y)
+        with neuslice.masked(model, sl):
+            assert a.accuracy == accuracy(model, x, y)
