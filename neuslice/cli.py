@@ -83,6 +83,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    from .data import DISK_DATASETS
+    from .reproduce import SETTINGS, setting_data
+
     if args.rq == "rq2":
         from .reproduce import (RQ2Config as Config, format_rq2 as fmt, plot_rq2 as plot,
                                 run_rq2 as run)
@@ -93,10 +96,19 @@ def _reproduce(args: argparse.Namespace) -> int:
         from .reproduce_rq4 import (RQ4Config as Config, format_rq4 as fmt, plot_rq4 as plot,
                                     run_rq4 as run)
     try:
-        config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs)
+        config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs,
+                        device=args.device, data_root=args.data_root)
     except ValueError as exc:
         print(f"neuslice reproduce {args.rq}: {exc}", file=sys.stderr)
         return 2
+    data = SETTINGS[args.setting].data
+    if data in DISK_DATASETS:  # fail fast, before any training, without data or torchvision
+        try:
+            setting_data(data, args.seeds[0], args.data_root)
+        except (ImportError, FileNotFoundError) as exc:
+            print(f"neuslice reproduce {args.rq} --setting {args.setting}: {exc}",
+                  file=sys.stderr)
+            return 2
     rows = run(config)
     text = fmt(rows, args.setting)
     print(text)
@@ -136,12 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="neuslice-demo", help="output folder (default %(default)s)")
     d.add_argument("--cache-dir", default=None, help="trained-model cache folder")
     d.set_defaults(func=_demo)
-    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data")
+    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data "
+                                         "(or CIFAR-10 files you provide)")
     r.add_argument("rq", choices=["rq2", "rq3", "rq4"])
-    r.add_argument("--setting", default="mlp-mnist", choices=["mlp-mnist", "mlp-digits",
-                                                             "cnn-mnist"])
+    r.add_argument("--setting", default="mlp-mnist",
+                   choices=["mlp-mnist", "mlp-digits", "cnn-mnist", "vgg16-cifar10",
+                            "resnet18-cifar10"],
+                   help="model and data (default %(default)s); the *-cifar10 settings read "
+                        "CIFAR-10 from --data-root or $NEUSLICE_DATA and want a GPU")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (RQ4: per task); default: the setting's (10 on the "
+                        "bundled data, 30 (RQ2/RQ3) and 10 (RQ4) on CIFAR-10)")
+    r.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ (torchvision's layout; never "
+                        "downloaded) for the *-cifar10 settings; default: $NEUSLICE_DATA")
+    r.add_argument("--device", default=None,
+                   help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when "
+                        "available, else cpu)")
     r.add_argument("--out", default=None, help="folder to write the table (.txt) and the plot "
                                                "(.png) to")
     r.add_argument("--threads", type=int, default=None,

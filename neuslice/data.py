@@ -29,6 +29,12 @@ __all__ = [
     "make_loader",
     "CategoryGroupedSampler",
     "DATASETS",
+    "DISK_DATASETS",
+    "DATA_ROOT_ENV",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "data_root",
+    "load_disk_dataset",
     "load_dataset",
 ]
 
@@ -220,11 +226,72 @@ DATASETS: dict[str, Callable[..., tuple[TensorDataset, TensorDataset]]] = {
     "digits": load_digits,
 }
 
+#: Environment variable naming the folder that holds on-disk datasets (:data:`DISK_DATASETS`).
+DATA_ROOT_ENV = "NEUSLICE_DATA"
+#: Datasets :func:`load_dataset` reads from disk through :func:`load_torchvision` (never
+#: downloaded): name -> the folder torchvision expects under the root.
+DISK_DATASETS = {"cifar10": "cifar-10-batches-py"}
+CIFAR10_MEAN, CIFAR10_STD = _TV_NORMALISATION["cifar10"]
+
+
+def data_root(root: str | os.PathLike | None = None, name: str = "cifar10") -> str:
+    """``root``, else ``$NEUSLICE_DATA``; ``FileNotFoundError`` saying how to give it when
+    neither is set."""
+    if root is None or os.fspath(root) == "":
+        root = os.environ.get(DATA_ROOT_ENV) or None
+    if root is None:
+        raise FileNotFoundError(
+            f"{name} is read from disk and never downloaded, and no data folder was given: "
+            f"pass --data-root DIR (root=DIR in Python) or set {DATA_ROOT_ENV}=DIR, where DIR "
+            f"holds {DISK_DATASETS.get(name, 'the dataset')}/ as torchvision lays it out")
+    return os.path.abspath(os.path.expanduser(os.fspath(root)))
+
+
+@functools.lru_cache(maxsize=1)
+def _disk_tensors(name: str, root: str) -> tuple[TensorDataset, TensorDataset]:
+    out = []
+    for train in (True, False):
+        try:
+            ds = load_torchvision(name, root, train=train)
+        except ImportError as exc:
+            raise ImportError(
+                f"{name} is read with torchvision, which is not installed (or does not import): "
+                f"install a torchvision build matching torch {torch.__version__}") from exc
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{exc} (expected {os.path.join(root, DISK_DATASETS[name])}/ as torchvision "
+                f"writes it; the folder comes from --data-root or {DATA_ROOT_ENV})") from None
+        xs, ys = [], []
+        for x, y in DataLoader(ds, batch_size=1000, num_workers=0):
+            xs.append(torch.as_tensor(x, dtype=torch.float32))
+            ys.append(torch.as_tensor(y).long().reshape(-1))
+        out.append(TensorDataset(torch.cat(xs), torch.cat(ys)))
+    return out[0], out[1]
+
+
+def load_disk_dataset(name: str, root: str | os.PathLike | None = None
+                      ) -> tuple[TensorDataset, TensorDataset]:
+    """``(train, test)`` of an on-disk dataset (:data:`DISK_DATASETS`) as in-memory
+    ``TensorDataset``s: the official split, normalised like :func:`load_torchvision`.
+
+    ``root`` defaults to ``$NEUSLICE_DATA``. Nothing is downloaded: ``FileNotFoundError`` when
+    no root is given or the files are not there, ``ImportError`` without torchvision. The
+    tensors of the last root read are kept for the process (CIFAR-10: ~740 MB)."""
+    if name not in DISK_DATASETS:
+        raise ValueError(f"unknown on-disk dataset {name!r}; choose one of "
+                         f"{sorted(DISK_DATASETS)}")
+    return _disk_tensors(name, data_root(root, name))
+
 
 def load_dataset(name: str, **kwargs: Any) -> tuple[TensorDataset, TensorDataset]:
-    """Load a registered dataset by name, returning ``(train, test)``."""
+    """Load a dataset by name, returning ``(train, test)``: a bundled one (:data:`DATASETS`,
+    keyword arguments such as ``seed``/``test_fraction``) or an on-disk one
+    (:data:`DISK_DATASETS`, keyword ``root``; see :func:`load_disk_dataset`)."""
+    if isinstance(name, str) and name in DISK_DATASETS:
+        return load_disk_dataset(name, **kwargs)
     if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} "
+                         f"(bundled) or {sorted(DISK_DATASETS)} (on disk)")
     return DATASETS[name](**kwargs)
 
 

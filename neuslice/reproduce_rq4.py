@@ -15,6 +15,11 @@ For slice methods the task-aware accuracy of an earlier task is that of the *mas
 it includes the cost of masking (recorded right after learning as ``task_aware_at_learning``);
 later tasks never change it (``forgetting`` is exactly 0).
 
+Settings (:data:`RQ4_SETTINGS`) also include ``vgg16-cifar10`` (:class:`neuslice.models.VGG16`)
+and ``resnet18-cifar10`` (``neuslice.zoo.build("resnet18", 10)``) on CIFAR-10 files the user
+provides (``data_root`` / ``$NEUSLICE_DATA``; never downloaded), on ``device`` (default CUDA
+when there). They run this same code; only the table's hyper-parameters differ.
+
 Runtime: ``mlp-mnist``, 3 seeds, both scenarios, 10 epochs took 172 s on a 2-core CPU with
 ``torch.set_num_threads(1)`` (another job was using the second core); small models run far
 slower with several threads on a busy CPU. ``cnn-mnist`` (SmallCNN, width 16), same settings:
@@ -29,30 +34,47 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import load_digits, load_mnist5k, make_loader
+from .data import make_loader
 from .deeparc import deeparc, freeze_except
 from .incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
                           task_accuracy_any)
-from .models import MLP, SmallCNN
+from .models import MLP, VGG16, SmallCNN
+from .optim import _head_name
 from .profile import profile
 from .report_plots import Panel, bar_panels, mean_std, seeds_note
-from .reproduce import _matched_categorywise, _ms
+from .reproduce import _check_common, _matched_categorywise, _ms, resolve_device, setting_data
 from .slicing import Slice, global_slice, semantic_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RQ4_SETTINGS", "SCENARIOS", "RQ4_METHODS", "RQ4Config", "run_rq4", "format_rq4",
-           "plot_rq4", "PAPER_RQ4"]
+__all__ = ["RQ4_SETTINGS", "RQ4Setting", "SCENARIOS", "RQ4_METHODS", "RQ4Config", "run_rq4",
+           "format_rq4", "plot_rq4", "PAPER_RQ4"]
 
-#: setting -> (model: "mlp" = MLP(hidden), "cnn" = SmallCNN(width), data loader)
-RQ4_SETTINGS = {"mlp-mnist": ("mlp", load_mnist5k), "mlp-digits": ("mlp", load_digits),
-                "cnn-mnist": ("cnn", load_mnist5k)}
+class RQ4Setting(NamedTuple):
+    """Model kind ("mlp" = MLP(hidden), "cnn" = SmallCNN(width), "vgg16" = models.VGG16,
+    "resnet18" = zoo.build("resnet18")), dataset (see neuslice.reproduce.setting_data), default
+    epochs per task and the training batch size."""
+
+    model: str
+    data: str
+    epochs: int = 10
+    batch_size: int = 64
+
+
+RQ4_SETTINGS = {"mlp-mnist": RQ4Setting("mlp", "mnist5k"),
+                "mlp-digits": RQ4Setting("mlp", "digits"),
+                "cnn-mnist": RQ4Setting("cnn", "mnist5k"),
+                # CIFAR-10 files on disk, meant for a GPU
+                "vgg16-cifar10": RQ4Setting("vgg16", "cifar10", epochs=10, batch_size=128),
+                "resnet18-cifar10": RQ4Setting("resnet18", "cifar10", epochs=10,
+                                               batch_size=128)}
+_MODEL_NAMES = {"mlp": "MLP", "cnn": "SmallCNN", "vgg16": "VGG16", "resnet18": "ResNet"}
 SCENARIOS = {"ab": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
              "abc": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}
 #: (method key, label in the table), in the paper's row order.
@@ -84,7 +106,7 @@ PAPER_RQ4: dict[str, Any] = {"mlp-mnist": {
 class RQ4Config:
     setting: str = "mlp-mnist"
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 10
+    epochs: int | None = None  # per task; None: the setting's (RQ4_SETTINGS)
     lr: float = 1e-3
     metric: str = "taylor"
     threshold: float = 0.95  # NeuSemSlice CKA threshold
@@ -92,17 +114,14 @@ class RQ4Config:
     hidden: tuple[int, ...] = (512, 256)  # MLP settings
     width: int = 16  # SmallCNN base width (cnn settings)
     deeparc_threshold: float = 0.99  # DeepArc's own consecutive-layer CKA threshold
+    device: str | None = None  # None: CUDA when available, else the CPU
+    data_root: str | None = None  # on-disk data (CIFAR-10); None: $NEUSLICE_DATA
+    hsic_route: str = "auto"  # profile()'s HSIC route ("minibatch": cheaper, for quick runs)
 
     def __post_init__(self):
-        if self.setting not in RQ4_SETTINGS:
-            raise ValueError(f"unknown setting {self.setting!r}; "
-                             f"choose from {sorted(RQ4_SETTINGS)}")
         if self.scenario not in ("ab", "abc", "both"):
             raise ValueError(f"unknown scenario {self.scenario!r}; choose 'ab', 'abc' or 'both'")
-        if not self.seeds:
-            raise ValueError("RQ4Config.seeds must not be empty")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        _check_common(self, RQ4_SETTINGS)
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
@@ -113,12 +132,13 @@ class RQ4Config:
         return ["ab", "abc"] if self.scenario == "both" else [self.scenario]
 
 
-def _slicer(kind: str, metric: str, threshold: float) -> Callable[..., Slice]:
+def _slicer(kind: str, metric: str, threshold: float,
+            hsic_route: str = "auto") -> Callable[..., Slice]:
     """Profile the model on a task's data; slice it semantically (CKA ``threshold``), or with
     a global / category-wise slice of the same total size."""
     def slicer(model: nn.Module, dataset: Dataset, classes: Sequence[int]) -> Slice:
         prof = profile(model, make_loader(dataset, batch_size=256), num_classes=10,
-                       metrics=(metric,), progress=False)
+                       metrics=(metric,), progress=False, hsic_route=hsic_route)
         sem = semantic_slice(prof, metric, threshold)
         if kind == "semantic":
             return sem
@@ -135,12 +155,13 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
     (run on task A's data) marks redundant (with their BatchNorm) plus the head rows of the new
     classes; the running statistics of the frozen layers' BatchNorms are kept as well."""
     model = factory()
-    kw = dict(epochs=config.epochs, lr=config.lr)
+    kw = dict(epochs=config.epochs, lr=config.lr,
+              batch_size=RQ4_SETTINGS[config.setting].batch_size)
     learn_task(model, train_sets[0], groups[0], seed=seed, **kw)
     mods = deeparc(model, make_loader(train_sets[0], batch_size=256),
                    threshold=config.deeparc_threshold)
     at_learning = {0: task_accuracy(model, test_sets[0], groups[0])}
-    head = model.head
+    head = model.get_submodule(_head_name(model))
     for t in range(1, len(groups)):
         freeze_except(model, mods.redundant)
         # Frozen layers' BatchNorm statistics would still drift in train mode: keep them.
@@ -188,20 +209,29 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
 def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict[str, Any]]:
     """Run every method on every scenario and seed; the rows of :func:`incremental_run`
     tagged with ``scenario``, ``seed``, ``label`` and ``model`` (the model's class name)."""
-    model_kind, loader = RQ4_SETTINGS[config.setting]
+    spec = RQ4_SETTINGS[config.setting]
+    device = resolve_device(config.device)
     out: list[dict[str, Any]] = []
     for seed in config.seeds:
         t0 = time.perf_counter()
-        train, test = loader(seed=seed)
+        train, test = setting_data(spec.data, seed, config.data_root)
         shape = tuple(train.tensors[0].shape[1:])
 
         def factory(seed=seed, shape=shape):
             torch.manual_seed(seed)
-            if model_kind == "cnn":
-                return SmallCNN(shape[0], 10, width=config.width)
-            return MLP(math.prod(shape), config.hidden, 10)
+            if spec.model == "cnn":
+                model = SmallCNN(shape[0], 10, width=config.width)
+            elif spec.model == "vgg16":
+                model = VGG16(shape[0], 10)
+            elif spec.model == "resnet18":
+                from .zoo import build
 
-        model_name = "SmallCNN" if model_kind == "cnn" else "MLP"
+                model = build("resnet18", 10)
+            else:
+                model = MLP(math.prod(shape), config.hidden, 10)
+            return model.to(device)
+
+        model_name = _MODEL_NAMES[spec.model]
 
         for scenario in config.scenarios:
             groups = SCENARIOS[scenario]
@@ -215,8 +245,10 @@ def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict
                     run_method = "neusemslice" if method in ("global", "categorywise") \
                         else method
                     rows = incremental_run(factory, tr, te, groups, run_method,
-                                           slicer=_slicer(kind, config.metric, config.threshold),
-                                           epochs=config.epochs, lr=config.lr, seed=seed)
+                                           slicer=_slicer(kind, config.metric, config.threshold,
+                                                          config.hsic_route),
+                                           epochs=config.epochs, lr=config.lr, seed=seed,
+                                           batch_size=spec.batch_size, device=device)
                 for r in rows:
                     r.update(method=method, label=label, scenario=scenario, seed=seed,
                              model=model_name)
