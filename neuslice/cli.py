@@ -47,7 +47,9 @@ def _demo(args: argparse.Namespace) -> int:
     print("[3/4] masking sweep: 3 strategies x 5 metrics, ratios 10%..100%, thresholds "
           "0.90..0.99, random floor", flush=True)
     config = SweepConfig(random_repeats=args.random_repeats)
-    base, rows = masking_sweep(model, prof, test_set, config)
+    recal = make_loader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed) \
+        if args.recalibrate_bn else None
+    base, rows = masking_sweep(model, prof, test_set, config, recalibrate_with=recal)
     print(format_table(base, rows))
     auc = area_under_curves(base, rows)
     print("\nArea under the accuracy-vs-compression curve (mean accuracy over the common "
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--batch-size", type=int, default=256)
     d.add_argument("--random-repeats", type=int, default=3)
+    d.add_argument("--recalibrate-bn", action="store_true",
+                   help="evaluate every slice with BatchNorm statistics re-estimated under it "
+                        "(neuslice.recalibrate_batchnorm; for models with BatchNorm)")
     d.add_argument("--out", default="neuslice-demo", help="output folder (default %(default)s)")
     d.add_argument("--cache-dir", default=None, help="trained-model cache folder")
     d.set_defaults(func=_demo)

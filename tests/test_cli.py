@@ -41,3 +41,13 @@ def test_info_prints_versions(capsys):
 def test_reproduce_rejects_a_bad_config(capsys):
     assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--epochs", "0"]) == 2
     assert "epochs must be a positive integer" in capsys.readouterr().err
+
+
+def test_demo_cnn_with_batchnorm_recalibration(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", "cnn", "--dataset", "digits", "--epochs", "1",
+               "--random-repeats", "0", "--recalibrate-bn", "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    assert "Area under" in capsys.readouterr().out
+    assert len((out / "rq1_masking.csv").read_text().splitlines()) == 1 + 5 * 30
