@@ -68,9 +68,10 @@ class LayerState:
 
     # ---- reduction over ranks ------------------------------------------------------------
     def reduce_items(self, acc, rows: slice | None, whole: bool):
-        """(sum tensors, moment triples) to all-reduce: ``rows`` of the per-category
-        statistics (None: none), the whole-data sums if ``whole``, and ``acc`` (finalized)."""
-        sums, moments = [], []
+        """What to all-reduce: ``(sum tensors, moment triples, after)`` for ``rows`` of the
+        per-category statistics (None: none), the whole-data sums if ``whole``, and ``acc``
+        (finalized); call ``after()`` once the tensors hold the merged values."""
+        sums, moments, after = [], [], None
         if rows is not None:
             m = self.moments
             moments.append((m.count[rows], m.mean[rows], m.m2[rows]))
@@ -79,18 +80,12 @@ class LayerState:
             sums += [self.sums[k].view(-1) for k in WHOLE_KEYS]
         if acc is not None:
             if self.route == "feature":
-                acc._cm = acc.comoment
-                acc._mean = acc.mean
-                moments.append((acc.count, acc._mean, acc._cm))
+                merged = (acc.count, acc.mean, acc.comoment)
+                moments.append(merged)
+                after = lambda: acc.set_moments(*merged)  # noqa: E731
             else:
                 sums += [acc.total, acc.weight]
-        return sums, moments
-
-    @staticmethod
-    def after_reduce(acc) -> None:
-        if acc is not None and hasattr(acc, "_cm"):
-            acc.set_moments(acc.count, acc._mean, acc._cm)
-            del acc._cm, acc._mean
+        return sums, moments, after
 
     # ---- results -----------------------------------------------------------------------
     def take(self, category: int):
@@ -120,14 +115,13 @@ class LayerState:
 
     def store(self, acc, categories: list[int]) -> None:
         """Turn ``acc`` (one slot per entry of ``categories``) into results."""
-        get = lambda key: self._get(key)  # noqa: E731
         for c, (m, w) in zip(categories, self._results(acc)):
             self.hsic_weight[c] = w
             if self.hsic is not None:
                 self.hsic[c] = m
             elif float(w) > 0:
                 for metric, curves in self.curves.items():
-                    curves[c] = cka.prefix_curve(m, ranking(score(get, metric, c)))
+                    curves[c] = cka.prefix_curve(m, ranking(score(self._get, metric, c)))
 
     def _get(self, key: str) -> torch.Tensor:
         if key in ("count", "mean", "m2"):

@@ -43,7 +43,6 @@ __all__ = ["profile", "Profile", "METRICS", "ALL_METRICS", "estimate_profile_mem
 
 _FORMAT = "neuslice.profile"
 _VERSION = 2
-_check_metrics = check_metrics
 
 
 @dataclass
@@ -262,12 +261,13 @@ class _Run:
         self.digest = ""
 
     def _reduce(self, items) -> None:
-        if self.reducer is None:
-            return
-        sums = [t for s, _ in items for t in s]
-        moments = [m for _, ms in items for m in ms]
-        self.reducer.sum_(sums)
-        self.reducer.moments_(moments)
+        """All-reduce the ``(sums, moments, after)`` of ``LayerState.reduce_items``."""
+        if self.reducer is not None:
+            self.reducer.sum_([t for s, _, _ in items for t in s])
+            self.reducer.moments_([m for _, ms, _ in items for m in ms])
+            for _, _, after in items:
+                if after is not None:
+                    after()
 
     def check_sorted(self, y: torch.Tensor, index: int) -> None:
         """Grouped order: labels never decrease along the stream."""
@@ -290,7 +290,6 @@ class _Run:
             self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
                           for n, st in self.states.items()])
             for n, st in self.states.items():
-                st.after_reduce(accs[n])
                 st.store(accs[n], [c])
         self.frontier = max(self.frontier, upto)
 
@@ -335,7 +334,6 @@ class _Run:
             st.acc.finalize()
         self._reduce([st.reduce_items(st.acc, slice(0, c), True) for st in self.states.values()])
         for st in self.states.values():
-            st.after_reduce(st.acc)
             st.store(st.acc, list(range(c)))
 
     def state_dict(self) -> dict:
@@ -348,6 +346,15 @@ class _Run:
         self.last_label, self.rounds = int(blob["last_label"]), int(blob["rounds"])
         for n, st in self.states.items():
             st.load_state_dict(blob["states"][n])
+
+
+def _estimate(sliced, positions, cfg: _Config, batch_size: int, open_categories: int = 2):
+    return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
+                    cfg.num_classes, hsic=cfg.hsic, hsic_route=cfg.hsic_route,
+                    cka_batch=cfg.cka_batch, max_feature_dim=cfg.max_feature_dim,
+                    category_order=cfg.category_order, keep_hsic=cfg.keep_hsic,
+                    num_metrics=len(scorable(cfg.metrics)), batch_size=batch_size,
+                    open_categories=open_categories)
 
 
 def _layer_shapes(model, sliced, first, reducer, autocast):
@@ -485,12 +492,7 @@ def profile(
             batch_size = max([b[0].shape[0] for b in pulled] + [1])
 
             def plan(open_categories=2):
-                return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
-                                num_classes, hsic=hsic, hsic_route=hsic_route,
-                                cka_batch=cka_batch, max_feature_dim=max_feature_dim,
-                                category_order=category_order, keep_hsic=keep_hsic,
-                                num_metrics=len(scorable(metrics)), batch_size=batch_size,
-                                open_categories=open_categories)
+                return _estimate(sliced, positions, cfg, batch_size, open_categories)
             est = plan()
             if est.total > max_memory_gb * GiB:
                 raise _budget_error(est, max_memory_gb, cfg)
@@ -607,20 +609,18 @@ def profile(
 
 def estimate_profile_memory(model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
                             layers: Sequence[str] | None = None, *, batch_size: int = 1,
-                            **options):
+                            metrics: Sequence[str] = METRICS, hsic: bool = True,
+                            hsic_route: str = "auto", cka_batch: int = 128,
+                            max_feature_dim: int = 2048, category_order: str = "any",
+                            keep_hsic: bool | None = None, autocast: torch.dtype | None = None):
     """The memory estimate ``profile`` would make (``neuslice.memory.MemoryEstimate``) for
-    ``model`` on inputs shaped like ``example_inputs``, without profiling. ``options`` are
-    ``profile``'s keyword arguments (hsic, hsic_route, cka_batch, category_order, ...)."""
+    ``model`` on inputs shaped like ``example_inputs`` and batches of ``batch_size``, without
+    profiling; the keyword arguments mean what they mean for ``profile``."""
+    metrics = check_metrics(metrics)
+    keep_hsic = (category_order == "any") if keep_hsic is None else bool(keep_hsic)
+    cfg = _Config(num_classes, metrics, bool(hsic), hsic_route, cka_batch, max_feature_dim,
+                  None, category_order, keep_hsic, autocast)
     sliced = find_layers(model, layers)
     with module_modes(model, train=False):
-        positions, _ = probe_positions(model, sliced, example_inputs, options.get("autocast"))
-    category_order = options.get("category_order", "any")
-    keep = options.get("keep_hsic")
-    keep = (category_order == "any") if keep is None else keep
-    metrics = check_metrics(options.get("metrics", METRICS))
-    return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced], num_classes,
-                    hsic=options.get("hsic", True), hsic_route=options.get("hsic_route", "auto"),
-                    cka_batch=options.get("cka_batch", 128),
-                    max_feature_dim=options.get("max_feature_dim", 2048),
-                    category_order=category_order, keep_hsic=keep,
-                    num_metrics=len(scorable(metrics)), batch_size=batch_size)
+        positions, _ = probe_positions(model, sliced, example_inputs, autocast)
+    return _estimate(sliced, positions, cfg, batch_size)

@@ -114,7 +114,9 @@ def test_grouped_distributed_equals_one_process(dist_run):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 
-def _two_ranks(mode, out, timeout=30):
+def _spawn_two(mode, out, timeout=30):
+    """Two worker processes with the torch.distributed environment set (no torchrun, so a
+    failing rank does not get the other one killed)."""
     port = _free_port()
     procs = []
     for rank in (0, 1):
@@ -123,6 +125,11 @@ def _two_ranks(mode, out, timeout=30):
         procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out),
                                        "--timeout", str(timeout)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _two_ranks(mode, out, timeout=30):
+    procs = _spawn_two(mode, out, timeout)
     outs = [p.communicate(timeout=180)[0].decode()[-3000:] for p in procs]
     return [p.returncode for p in procs], outs
 
@@ -149,14 +156,7 @@ def test_grouped_distributed_resume_after_a_crash(dist_run, tmp_path):
 def test_a_dying_or_stuck_rank_gives_a_clear_error(tmp_path, mode, timeout):
     """A crashed rank (its sockets close) or a stuck one (the process group's timeout expires):
     the other rank raises DistributedProfileError instead of hanging."""
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(tmp_path),
-                                       "--timeout", str(timeout)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    procs = _spawn_two(mode, tmp_path, timeout)
     try:
         procs[0].wait(timeout=180)  # would hang forever without the timeout handling
     finally:
