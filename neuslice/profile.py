@@ -348,6 +348,51 @@ class _Run:
             st.load_state_dict(blob["states"][n])
 
 
+def _resume_blob(resume, reducer, rank: int, world: int, synced: bool, expect: dict):
+    """The checkpoint to resume from (path, contents), checked against this run."""
+    rpath = ckpt.rank_path(resume, rank, world)
+    if synced:  # every rank resumes from the same round
+        have = ckpt.generations(rpath)
+        common = set.intersection(*(set(h) for h in reducer.gather_objects(
+            sorted(have), "agreeing on the checkpoint round to resume from")))
+        if not common:
+            raise ValueError(f"cannot resume from {rpath}: the ranks' checkpoints have no round "
+                             f"in common; start without resume=.")
+        rpath = have[max(common)]
+    blob = ckpt.load(rpath)
+    ckpt.check_compatible(blob, expect, rpath)
+    return rpath, blob
+
+
+def _collect(sliced, states, hsic: bool):
+    """The Profile's tensors, its warnings and the HSIC routes."""
+    tensors: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    for l in sliced:
+        st = states[l.name]
+        tensors.update({f"{l.name}.{k}": v for k, v in st.tensors().items()})
+        dead = (st.moments.m2 <= 0) & (st.moments.count.unsqueeze(1) > 1)
+        if bool(dead.any()):
+            warnings.append(f"layer {l.name}: constant (dead) neurons per category: "
+                            f"{dead.sum(1).tolist()}")
+            logger.info(warnings[-1])
+    routes = {l.name: states[l.name].route for l in sliced} if hsic else {}
+    counts = states[sliced[0].name].moments.count.tolist()
+    need = 2 if all(r == "feature" for r in routes.values()) else 4
+    small = [k for k, n in enumerate(counts) if 0 < n < need]  # absent ones: no warning
+    if hsic and small:
+        warnings.append(f"categories {small} have fewer than {need} samples "
+                        f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
+                        f"slicing skips them.")
+        logger.warning(warnings[-1])
+    absent = [k for k, n in enumerate(counts) if n == 0]
+    if absent:  # expected when profiling a subset of the classes (e.g. one task)
+        warnings.append(f"categories {absent} have no samples in this data; they get no "
+                        f"scores of their own and slicing skips them.")
+        logger.info(warnings[-1])
+    return tensors, warnings, routes
+
+
 def _estimate(sliced, positions, cfg: _Config, batch_size: int, open_categories: int = 2):
     return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
                     cfg.num_classes, hsic=cfg.hsic, hsic_route=cfg.hsic_route,
@@ -502,24 +547,14 @@ def profile(
                       for l in sliced}
             run = _Run(states, cfg, reducer)
             expect = None
-            skip = 0
             if checkpoint is not None or resume is not None:
                 expect = {"fingerprint": fingerprint, "weights": ckpt.weights_digest(model),
                           "layers": [l.name for l in sliced], "config": cfg.key(),
                           "positions": positions, "world": [rank, world]}
             synced = reducer is not None and category_order == "grouped" and hsic
+            skip, want_digest, rpath = 0, "", None
             if resume is not None:
-                rpath = ckpt.rank_path(resume, rank, world)
-                if synced:  # resume every rank from the same round
-                    have = ckpt.generations(rpath)
-                    common = set.intersection(*(set(h) for h in reducer.gather_objects(
-                        sorted(have), "agreeing on the checkpoint round to resume from")))
-                    if not common:
-                        raise ValueError(f"cannot resume from {rpath}: the ranks' checkpoints "
-                                         f"have no round in common; start without resume=.")
-                    rpath = have[max(common)]
-                blob = ckpt.load(rpath)
-                ckpt.check_compatible(blob, expect, rpath)
+                rpath, blob = _resume_blob(resume, reducer, rank, world, synced, expect)
                 run.load_state_dict(blob)
                 skip, want_digest = run.batches, blob["digest"]
                 timings.update(blob.get("timings", {}))
@@ -575,31 +610,8 @@ def profile(
         torch.backends.cuda.matmul.allow_tf32 = tf32
         if hasattr(bar, "close"):
             bar.close()
-    tensors: dict[str, torch.Tensor] = {}
-    warnings: list[str] = []
-    for l in sliced:
-        st = states[l.name]
-        tensors.update({f"{l.name}.{k}": v for k, v in st.tensors().items()})
-        dead = (st.moments.m2 <= 0) & (st.moments.count.unsqueeze(1) > 1)
-        if bool(dead.any()):
-            warnings.append(f"layer {l.name}: constant (dead) neurons per category: "
-                            f"{dead.sum(1).tolist()}")
-            logger.info(warnings[-1])
     timings["total"] = time.perf_counter() - start
-    routes = {l.name: states[l.name].route for l in sliced} if hsic else {}
-    counts = states[sliced[0].name].moments.count.tolist()
-    need = 2 if all(r == "feature" for r in routes.values()) else 4
-    small = [k for k, n in enumerate(counts) if 0 < n < need]  # absent ones: no warning
-    if hsic and small:
-        warnings.append(f"categories {small} have fewer than {need} samples "
-                        f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
-                        f"slicing skips them.")
-        logger.warning(warnings[-1])
-    absent = [k for k, n in enumerate(counts) if n == 0]
-    if absent:  # expected when profiling a subset of the classes (e.g. one task)
-        warnings.append(f"categories {absent} have no samples in this data; they get no "
-                        f"scores of their own and slicing skips them.")
-        logger.info(warnings[-1])
+    tensors, warnings, routes = _collect(sliced, states, hsic)
     return Profile(layers=[l.name for l in sliced],
                    num_neurons={l.name: l.num_neurons for l in sliced},
                    num_classes=num_classes, metrics=metrics, fingerprint=fingerprint,
