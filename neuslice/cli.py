@@ -98,8 +98,11 @@ def _reproduce(args: argparse.Namespace) -> int:
         from .reproduce_rq4 import (RQ4Config as Config, format_rq4 as fmt, plot_rq4 as plot,
                                     run_rq4 as run)
     try:
+        extra = {"task_batchnorm": True} if args.task_batchnorm else {}
+        if extra and args.rq != "rq4":
+            raise ValueError("--task-batchnorm applies to rq4 only")
         config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs,
-                        device=args.device, data_root=args.data_root)
+                        device=args.device, data_root=args.data_root, **extra)
     except ValueError as exc:
         print(f"neuslice reproduce {args.rq}: {exc}", file=sys.stderr)
         return 2
@@ -173,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "available, else cpu)")
     r.add_argument("--out", default=None, help="folder to write the table (.txt) and the plot "
                                                "(.png) to")
+    r.add_argument("--task-batchnorm", action="store_true",
+                   help="rq4: keep each task's BatchNorm statistics re-estimated under its mask "
+                        "and use them for its masked inference")
     r.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice); 1 is much faster "
                         "for these small models on a CPU that other jobs share")

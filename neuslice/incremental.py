@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from ._hooks import module_modes
+from .batchnorm import recalibrate_batchnorm
 from .data import make_loader
 from .masking import masked
 from .optim import MaskedOptimizer, _head_name, class_index
@@ -333,6 +334,50 @@ def task_accuracy(model: nn.Module, dataset: Dataset, classes: Sequence[int],
     return float((pred == _labels(dataset)).float().mean())
 
 
+# ---- per-task BatchNorm statistics --------------------------------------------------------
+
+def _norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def task_batchnorm_stats(model: nn.Module, slice: Slice, dataset: Dataset,
+                         batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics of ``model`` re-estimated on ``dataset`` under ``slice``
+    (``neuslice.recalibrate_batchnorm``), as a dict of buffers to restore at inference."""
+    fixed = recalibrate_batchnorm(model, slice, make_loader(dataset, batch_size=batch_size),
+                                  progress=False)
+    return {f"{n}.{k}": b.detach().clone() for n, m in _norms(fixed)
+            for k, b in m.named_buffers(recurse=False)}
+
+
+class _swapped_stats:
+    """Within the block, ``model``'s BatchNorm buffers are ``stats`` (restored on exit)."""
+
+    def __init__(self, model: nn.Module, stats: dict[str, torch.Tensor] | None):
+        self.model, self.stats, self.saved = model, stats, {}
+
+    def __enter__(self):
+        if self.stats:
+            bufs = dict(self.model.named_buffers())
+            with torch.no_grad():
+                for k, v in self.stats.items():
+                    self.saved[k] = bufs[k].clone()
+                    bufs[k].copy_(v)
+        return self.model
+
+    def __exit__(self, *exc):
+        bufs = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for k, v in self.saved.items():
+                bufs[k].copy_(v)
+        return False
+
+
+def _stats_bytes(stats: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in stats.values())
+
+
 # ---- the experiment ----------------------------------------------------------------------
 
 def _parse_method(method: Any, replay_fraction: float) -> tuple[str, float | None]:
@@ -354,7 +399,8 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
                     test_sets: Sequence[Dataset], class_groups: list[list[int]], method: str,
                     *, slicer: Slicer | None = None, replay_fraction: float = 0.1,
                     epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-                    device: str | torch.device | None = None) -> list[dict[str, Any]]:
+                    device: str | torch.device | None = None,
+                    task_batchnorm: bool = False) -> list[dict[str, Any]]:
     """Learn the tasks ``class_groups`` in order with ``method`` and evaluate every task.
 
     Methods: ``original`` (first task only), ``retrain`` (all tasks' data at once, from
@@ -373,6 +419,11 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
     None if never learned) and ``forgetting`` (that minus ``task_aware``), and for
     the overall row ``memory_bytes``: bytes kept besides the model (saved slices and/or the
     replay buffers).
+
+    ``task_batchnorm`` (slice methods): after slicing a task, its BatchNorm running statistics
+    are re-estimated on its training data under its mask and kept (counted in
+    ``memory_bytes``); the task's masked inference uses them. Masking a network with
+    BatchNorm otherwise normalises with statistics collected with every neuron active.
     """
     if isinstance(model_factory, nn.Module) or not callable(model_factory):
         raise TypeError(f"model_factory must be a callable returning a fresh nn.Module, "
@@ -402,6 +453,7 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
     learned: list[int] = []  # tasks trained so far
     memory = 0
     at_learning: dict[int, float] = {}  # task-aware accuracy right after learning the task
+    bn_stats: dict[int, dict[str, torch.Tensor]] = {}  # task_batchnorm: per-task statistics
     if base == "retrain":
         all_classes = [c for g in groups for c in g]
         learn_task(model, ConcatDataset(train_sets), all_classes, seed=seed, **kw)
@@ -427,11 +479,15 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
                     raise TypeError(f"slicer must return a neuslice.Slice, "
                                     f"got {type(sl).__name__}")
                 slices.append(sl)
+                if task_batchnorm:
+                    bn_stats[t] = task_batchnorm_stats(model, union_slice(slices), train_sets[t])
             mask = union_slice(slices[:t + 1]) if base == "neusemslice" and t < len(slices) \
                 else None
-            at_learning[t] = task_accuracy(model, test_sets[t], groups[t], mask)
+            with _swapped_stats(model, bn_stats.get(t)):
+                at_learning[t] = task_accuracy(model, test_sets[t], groups[t], mask)
         if base == "neusemslice":
             memory += sum(slice_bytes(s) for s in slices)
+            memory += sum(_stats_bytes(st) for st in bn_stats.values())
         if fraction is not None:
             memory += sum(replay_bytes(train_sets[s], fraction)
                           for s in range(max(0, len(groups) - 1)))
@@ -443,7 +499,8 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
         mask = None
         if base == "neusemslice" and t < len(slices):
             mask = union_slice(slices[:t + 1])
-        aware = task_accuracy(model, te, g, mask)
+        with _swapped_stats(model, bn_stats.get(t)):
+            aware = task_accuracy(model, te, g, mask)
         labels = _labels(te)
         # an unlearned task's classes are not among the candidates: every prediction is wrong
         agnostic = task_accuracy_any(model, te, seen, labels)

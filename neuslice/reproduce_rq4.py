@@ -117,6 +117,7 @@ class RQ4Config:
     device: str | None = None  # None: CUDA when available, else the CPU
     data_root: str | None = None  # on-disk data (CIFAR-10); None: $NEUSLICE_DATA
     hsic_route: str = "auto"  # profile()'s HSIC route ("minibatch": cheaper, for quick runs)
+    task_batchnorm: bool = False  # slice methods: per-task BatchNorm statistics under the mask
 
     def __post_init__(self):
         if self.scenario not in ("ab", "abc", "both"):
@@ -248,7 +249,8 @@ def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict
                                            slicer=_slicer(kind, config.metric, config.threshold,
                                                           config.hsic_route),
                                            epochs=config.epochs, lr=config.lr, seed=seed,
-                                           batch_size=spec.batch_size, device=device)
+                                           batch_size=spec.batch_size, device=device,
+                                           task_batchnorm=config.task_batchnorm)
                 for r in rows:
                     r.update(method=method, label=label, scenario=scenario, seed=seed,
                              model=model_name)

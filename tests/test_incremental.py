@@ -271,3 +271,30 @@ def test_bad_inputs(digits):
         union_slice([])
     with pytest.raises(TypeError, match="Slice"):
         slice_bytes({"fc1": torch.ones(3)})
+
+
+def test_task_batchnorm_keeps_each_task_exact_and_counts_its_bytes(digits):
+    """Per-task BatchNorm statistics (re-estimated under the task's mask): task A is still
+    exactly what it was after learning it, the statistics are the recalibrated ones, and their
+    bytes are counted."""
+    from neuslice.incremental import task_batchnorm_stats
+
+    train, test = digits
+    tr, te = split_tasks(train, ABC), split_tasks(test, ABC)
+    kw = dict(slicer=semantic, epochs=2, lr=3e-3)
+    plain = incremental_run(cnn, tr, te, ABC, "neusemslice", **kw)
+    with_bn = incremental_run(cnn, tr, te, ABC, "neusemslice", task_batchnorm=True, **kw)
+    assert [r["forgetting"] for r in with_bn[:3]] == [0.0, 0.0, 0.0]
+    n_bn = sum(m.running_mean.numel() * 2 * 4 + 8 for m in cnn().modules()
+               if isinstance(m, torch.nn.BatchNorm2d) or isinstance(m, torch.nn.BatchNorm1d))
+    assert with_bn[-1]["memory_bytes"] == plain[-1]["memory_bytes"] + 2 * n_bn
+    # the model after task A, sliced: its masked accuracy with the recalibrated statistics is
+    # the run's task-A accuracy at learning time
+    model = cnn()
+    learn_task(model, tr[0], ABC[0], seed=0, epochs=2, lr=3e-3)
+    sl = semantic(model, tr[0], ABC[0])
+    stats = task_batchnorm_stats(model, sl, tr[0])
+    fixed = copy.deepcopy(model)
+    fixed.load_state_dict({**fixed.state_dict(), **stats})
+    assert task_accuracy(fixed, te[0], ABC[0], sl) == with_bn[0]["task_aware_at_learning"]
+    assert plain[0]["task_aware_at_learning"] == task_accuracy(model, te[0], ABC[0], sl)
