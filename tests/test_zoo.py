@@ -12,6 +12,7 @@ from torch import nn
 import neuslice
 from neuslice import zoo
 
+from conftest import _randomize_bn as randomize_bn
 from conftest import assert_same_snapshot, make_loader, max_rel_err, snapshot
 
 # torchvision's parameter counts at 1000 classes, and its number of state-dict entries.
@@ -57,16 +58,7 @@ def _n_params(model: nn.Module) -> int:
 
 
 def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model.eval()
+    return randomize_bn(model, seed).eval()
 
 
 def _import_torchvision():
