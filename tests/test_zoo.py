@@ -319,3 +319,25 @@ def test_torchvision_weights_give_the_same_outputs(name, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "vgg19"])
+def test_full_size_vgg_profile_slice_restructure(name):
+    """The full-size VGGs (134M/140M parameters at 3 classes) end to end at 32x32."""
+    torch.manual_seed(0)
+    model = zoo.build(name, 3, source="neuslice").eval()
+    before = snapshot(model)
+    x, y = torch.randn(24, 3, 32, 32), torch.arange(3).repeat(8)
+    prof = neuslice.profile(model, [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)], 3,
+                            metrics=("avg", "taylor"), hsic_route="minibatch", cka_batch=4,
+                            progress=False)
+    sl = neuslice.semantic_slice(prof, "taylor", 0.95)
+    small, eff = neuslice.restructure(model, sl, x[:2], return_slice=True)
+    small.eval()
+    with torch.no_grad(), neuslice.masked(model, eff):
+        want = model(x)
+    with torch.no_grad():
+        got = small(x)
+    assert max_rel_err(got, want) < 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_same_snapshot(before, snapshot(model))
