@@ -11,6 +11,7 @@ from 82.5 % to 94.5 % test accuracy (unmasked 94.8 %).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 
@@ -63,7 +64,7 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
     seen = 0
-    ctx = masked(out, slice) if slice is not None else _null()
+    ctx = masked(out, slice) if slice is not None else contextlib.nullcontext()
     with torch.no_grad(), module_modes(out, train=False), ctx:
         for m in norms:
             m.train()
@@ -84,10 +85,3 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
                          "need data.")
     return out
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

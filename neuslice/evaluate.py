@@ -84,8 +84,7 @@ def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepCo
     (``neuslice.recalibrate_batchnorm``, first ``recalibrate_batches`` batches).
     """
     x, y = _as_tensors(test_data)
-    if recalibrate_with is not None:
-        config = _Recalibrating(config, recalibrate_with, recalibrate_batches)
+    recal = None if recalibrate_with is None else (recalibrate_with, recalibrate_batches)
     base = accuracy(model, x, y, config.batch_size)
     jobs = []
     for metric in config.metrics:
@@ -99,31 +98,23 @@ def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepCo
     rows = []
     for strategy, metric, setting in progress_bar(jobs, progress, "masking sweep", "slice"):
         sl = makers[strategy](profile, metric, setting)
-        rows.append(_evaluate_slice(model, sl, x, y, strategy, metric, setting, config))
+        rows.append(_evaluate_slice(model, sl, x, y, strategy, metric, setting, config, recal))
     return base, rows
 
 
-class _Recalibrating:
-    """A SweepConfig plus the data to recalibrate BatchNorm with."""
-
-    def __init__(self, config: SweepConfig, loader, batches):
-        self.config, self.loader, self.batches = config, loader, batches
-
-    def __getattr__(self, name):
-        return getattr(self.config, name)
-
-
-def _masked_accuracy(model, sl: Slice, x, y, config) -> float:
-    if isinstance(config, _Recalibrating):
-        model = recalibrate_batchnorm(model, sl, config.loader, num_batches=config.batches,
-                                      progress=False)
+def _masked_accuracy(model, sl: Slice, x, y, batch_size: int, recal) -> float:
+    """Accuracy under ``sl``; with ``recal = (loader, batches)`` on a copy whose BatchNorm
+    statistics were re-estimated under it."""
+    if recal is not None:
+        model = recalibrate_batchnorm(model, sl, recal[0], num_batches=recal[1], progress=False)
     with masked(model, sl):
-        return accuracy(model, x, y, config.batch_size)
+        return accuracy(model, x, y, batch_size)
 
 
-def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config) -> SweepRow:
-    acc = _masked_accuracy(model, sl, x, y, config)
-    rand = [_masked_accuracy(model, random_slice(sl, seed=seed), x, y, config)
+def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config, recal=None
+                    ) -> SweepRow:
+    acc = _masked_accuracy(model, sl, x, y, config.batch_size, recal)
+    rand = [_masked_accuracy(model, random_slice(sl, seed=seed), x, y, config.batch_size, recal)
             for seed in range(config.random_repeats)]
     return SweepRow(strategy=strategy, metric=metric, setting=setting,
                     compression_rate=sl.compression_rate(model), accuracy=acc,

@@ -21,6 +21,7 @@ rules without any mask.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -306,7 +307,7 @@ def task_logits(model: nn.Module, dataset: Dataset, classes: Sequence[int] | Non
     cols = None if classes is None else torch.tensor(list(classes), dtype=torch.long)
     out = []
     with module_modes(model, train=False):
-        ctx = masked(model, slice) if slice is not None else _null()
+        ctx = masked(model, slice) if slice is not None else contextlib.nullcontext()
         with ctx:
             for x, _ in make_loader(dataset, batch_size=batch_size):
                 z = model(x.to(dev)).cpu()
@@ -314,14 +315,6 @@ def task_logits(model: nn.Module, dataset: Dataset, classes: Sequence[int] | Non
     if not out:
         raise ValueError("cannot compute logits on an empty dataset")
     return torch.cat(out)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def task_accuracy(model: nn.Module, dataset: Dataset, classes: Sequence[int],

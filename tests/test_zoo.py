@@ -331,13 +331,5 @@ def test_full_size_vgg_profile_slice_restructure(name):
     prof = neuslice.profile(model, [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)], 3,
                             metrics=("avg", "taylor"), hsic_route="minibatch", cka_batch=4,
                             progress=False)
-    sl = neuslice.semantic_slice(prof, "taylor", 0.95)
-    small, eff = neuslice.restructure(model, sl, x[:2], return_slice=True)
-    small.eval()
-    with torch.no_grad(), neuslice.masked(model, eff):
-        want = model(x)
-    with torch.no_grad():
-        got = small(x)
-    assert max_rel_err(got, want) < 1e-4
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     assert_same_snapshot(before, snapshot(model))
+    _check_restructure(model, neuslice.semantic_slice(prof, "taylor", 0.95), x)
