@@ -1,6 +1,6 @@
 """Mixed precision: profile under autocast (bfloat16, float16) against float32, side by side.
 
-The SmallCNN trained on MNIST-5k (cached by ``neuslice.train.cached_model``), profiled on the
+The SmallCNN trained on MNIST-5k (cached by ``neuslice.experiments.train.cached_model``), profiled on the
 4,000 training images with all metrics and the neuron-HSIC statistics; prints, per precision,
 the profiling time, the worst relative error (over layers, whole-data scores) of each metric's
 scores, the largest deviation of the CKA prefix curves, and how many neurons the θ=0.95 semantic
@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, save_rows  # noqa: E402
 
 import neuslice  # noqa: E402
-from neuslice.data import make_loader  # noqa: E402
-from neuslice.train import cached_model  # noqa: E402
+from neuslice.experiments.data import make_loader  # noqa: E402
+from neuslice.experiments.train import cached_model  # noqa: E402
 
 
 def main() -> None:

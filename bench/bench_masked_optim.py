@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, save_rows  # noqa: E402
 
 import neuslice  # noqa: E402
-from neuslice.models import MLP, SmallCNN  # noqa: E402
+from neuslice.experiments.models import MLP, SmallCNN  # noqa: E402
 from neuslice.slicing import Slice  # noqa: E402
 
 OPTS = {

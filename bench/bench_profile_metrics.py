@@ -16,8 +16,8 @@ import time
 import torch
 
 import neuslice
-from neuslice.data import make_loader
-from neuslice.train import cached_model
+from neuslice.experiments.data import make_loader
+from neuslice.experiments.train import cached_model
 
 
 def main() -> None:

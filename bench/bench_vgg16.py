@@ -21,7 +21,7 @@ import time
 import torch
 
 import neuslice
-from neuslice.models import VGG16
+from neuslice.experiments.models import VGG16
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import environment, save_rows  # noqa: E402

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 import neuslice
-from neuslice.data import CategoryGroupedSampler, load_mnist5k
-from neuslice.models import MLP
+from neuslice.experiments.data import CategoryGroupedSampler, load_mnist5k
+from neuslice.experiments.models import MLP
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 import neuslice
-from neuslice.data import make_loader
-from neuslice.train import cached_model, evaluate
+from neuslice.experiments.data import make_loader
+from neuslice.experiments.train import cached_model, evaluate
 
 
 def main() -> None:

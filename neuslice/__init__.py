@@ -6,23 +6,38 @@ Profile a model once, slice it with any strategy and metric, and evaluate or mai
     sl = neuslice.semantic_slice(prof, "taylor", threshold=0.95)
     with neuslice.masked(model, sl):
         ...
+
+Layers (``docs/ARCHITECTURE.md``): the core (``cka``, ``layers``, ``slicing``, ``masking``),
+``profiling``, ``runtime``, ``maintenance``, ``decomposition``, ``ops``; ``experiments`` is the
+paper-reproduction harness built on them and is never imported by the library.
 """
 
+import sys as _sys
+
 from . import cka
-from . import zoo
-from .batchnorm import recalibrate_batchnorm
+from ._utils import deprecated as _deprecated
 from .layers import find_layers, model_fingerprint
+from .maintenance.batchnorm import recalibrate_batchnorm
+from .maintenance.masked_optimizer import MaskedOptimizer, trainable_fraction
+from .maintenance.restructure import restructure
 from .masking import masked
-from .optim import MaskedOptimizer, trainable_fraction
-from .profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
-from .restructure import restructure
+from .profiling.profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice", "global_slice",
-    "categorywise_slice", "semantic_slice", "random_slice", "masked", "restructure", "MaskedOptimizer",
-    "trainable_fraction", "find_layers", "recalibrate_batchnorm",
-    "model_fingerprint", "__version__",
+    "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice",
+    "global_slice", "categorywise_slice", "semantic_slice", "random_slice", "masked",
+    "restructure", "MaskedOptimizer", "trainable_fraction", "find_layers",
+    "recalibrate_batchnorm", "model_fingerprint", "__version__",
 ]
+
+_deprecated.install(__name__)
+
+
+def __getattr__(name: str):
+    # ``neuslice.zoo``, ``neuslice.evaluate``, ...: the old module paths, as warning aliases.
+    if name in _deprecated.MOVED:
+        return _sys.modules[f"{__name__}.{name}"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

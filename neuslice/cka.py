@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import ops
+from .ops import ROUTES
 
 __all__ = [
     "ESTIMATORS",
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 ESTIMATORS: tuple[str, ...] = ("biased", "unbiased")
-ROUTES: tuple[str, ...] = ("auto", "feature", "sample")
 
 # Largest number of elements an intermediate block may hold in neuron_hsic
 # (2**25 float64 elements = 256 MiB).  Larger problems are processed in chunks.

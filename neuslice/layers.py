@@ -37,7 +37,7 @@ _ACT_TYPES = (
 _IDENTITY_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 # Functional element-wise activations that may follow a layer: target -> (fn, in-place kwarg?)
-_ACT_FUNCTIONS: dict = {
+ACT_FUNCTIONS: dict = {
     F.relu: torch.relu, torch.relu: torch.relu, torch.relu_: torch.relu,
     F.relu6: F.relu6, F.leaky_relu: F.leaky_relu, F.elu: F.elu, F.selu: F.selu,
     F.gelu: F.gelu, F.silu: F.silu, F.mish: F.mish, F.hardswish: F.hardswish,
@@ -45,7 +45,7 @@ _ACT_FUNCTIONS: dict = {
     torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh,
     F.tanh: torch.tanh,
 }
-_ACT_METHODS = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
+ACT_METHODS = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
                 "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
 _INPLACE_ONLY_ARGS = {torch.relu, F.relu6, F.selu, F.silu, F.mish, F.hardswish, F.hardsigmoid}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
@@ -54,10 +54,10 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 _PASS_MODULES = _NORM_TYPES + _ACT_TYPES + _IDENTITY_TYPES + (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
 )
-_PASS_FUNCTIONS = set(_ACT_FUNCTIONS) | _DROPOUT_FUNCTIONS | {
+_PASS_FUNCTIONS = set(ACT_FUNCTIONS) | _DROPOUT_FUNCTIONS | {
     torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }
-_PASS_METHODS = set(_ACT_METHODS) | {"flatten", "view", "reshape", "contiguous"}
+_PASS_METHODS = set(ACT_METHODS) | {"flatten", "view", "reshape", "contiguous"}
 _IGNORED_USERS_METHODS = {"size", "dim"}
 
 
@@ -145,13 +145,13 @@ def _functional_op(node: fx.Node, src: fx.Node) -> Callable | None:
     if any(isinstance(a, fx.Node) for a in rest):
         return None
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
-        fn = _ACT_FUNCTIONS[node.target]
+    if node.op == "call_function" and node.target in ACT_FUNCTIONS:
+        fn = ACT_FUNCTIONS[node.target]
         # These take no argument but `inplace` after the input; never run in place.
         args = () if fn in _INPLACE_ONLY_ARGS else tuple(node.args[1:])
         return lambda t: fn(t, *args, **kwargs)
-    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1:
-        return _ACT_METHODS[node.target]
+    if node.op == "call_method" and node.target in ACT_METHODS and len(node.args) == 1:
+        return ACT_METHODS[node.target]
     return None
 
 

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ._hooks import hooks_at
+from ._utils.hooks import hooks_at
 from .slicing import Slice
 
 __all__ = ["masked"]

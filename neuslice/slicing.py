@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from . import cka
-from ._io import atomic_write
+from ._utils.io import atomic_write
 from .layers import SlicedLayer, find_layers, model_fingerprint
-from ._scores import ranking
-from .profile import Profile
+from .profiling.scores import ranking
+from .profiling.profile import Profile
+from ._utils.checks import check_fraction
 
 __all__ = ["Slice", "global_slice", "categorywise_slice", "semantic_slice", "random_slice"]
 
@@ -160,13 +161,6 @@ class Slice:
 
 # ---- strategies ------------------------------------------------------------------------
 
-def _check_fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_profile(profile) -> None:
     if not isinstance(profile, Profile):
         raise TypeError(f"expected a neuslice.Profile, got {type(profile).__name__}")
@@ -189,7 +183,7 @@ def _make(profile: Profile, strategy, metric, masks, cat=None, ratio=None, thres
 def global_slice(profile: Profile, metric: str, ratio: float) -> Slice:
     """Top ``ratio`` of each layer's neurons ranked by ``metric`` on the whole data set."""
     _check_profile(profile)
-    ratio = _check_fraction("ratio", ratio)
+    ratio = check_fraction("ratio", ratio)
     masks = {}
     for layer in profile.layers:
         d = profile.num_neurons[layer]
@@ -204,7 +198,7 @@ def _present(profile: Profile) -> list[int]:
 def categorywise_slice(profile: Profile, metric: str, ratio: float) -> Slice:
     """Top ``ratio`` of each layer's neurons per category; the union over categories."""
     _check_profile(profile)
-    ratio = _check_fraction("ratio", ratio)
+    ratio = check_fraction("ratio", ratio)
     masks, cat = {}, {}
     for layer in profile.layers:
         d = profile.num_neurons[layer]
@@ -223,7 +217,7 @@ def semantic_slice(profile: Profile, metric: str, threshold: float, step: int = 
     with increment ``step``. Categories without enough samples for CKA are skipped (noted).
     """
     _check_profile(profile)
-    threshold = _check_fraction("threshold", threshold)
+    threshold = check_fraction("threshold", threshold)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be a positive int, got {step!r}")
     if not profile.hsic_routes:

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import build, make_data  # noqa: E402
 
 import neuslice  # noqa: E402
-from neuslice.data import CategoryGroupedSampler  # noqa: E402
+from neuslice.experiments.data import CategoryGroupedSampler  # noqa: E402
 
 N, BATCH, C = 48, 5, 3
 

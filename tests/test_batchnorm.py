@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neuslice
-from neuslice.batchnorm import recalibrate_batchnorm
+from neuslice.maintenance.batchnorm import recalibrate_batchnorm
 from neuslice.slicing import Slice
 
 from conftest import assert_same_snapshot, build, snapshot
@@ -83,7 +83,7 @@ def test_bad_input():
 
 
 def test_masking_sweep_can_recalibrate():
-    from neuslice.evaluate import SweepConfig, accuracy, masking_sweep
+    from neuslice.experiments.sweep import SweepConfig, accuracy, masking_sweep
 
     model, (x, y), _, _ = build("cnn")
     model.eval()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import neuslice
-from neuslice import checkpoint as ckpt
+from neuslice.runtime import checkpoint as ckpt
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ckpt_worker import C, KW, setup  # noqa: E402

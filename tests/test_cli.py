@@ -6,7 +6,7 @@ import os
 import pytest
 
 from neuslice import Slice
-from neuslice.cli import main
+from neuslice.experiments.cli import main
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")

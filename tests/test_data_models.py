@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from neuslice import data as nsdata
-from neuslice import train as nstrain
-from neuslice.data import (
+from neuslice.experiments import data as nsdata
+from neuslice.experiments import train as nstrain
+from neuslice.experiments.data import (
     DATASETS,
     load_dataset,
     load_digits,
@@ -20,8 +20,8 @@ from neuslice.data import (
     load_torchvision,
     make_loader,
 )
-from neuslice.models import MLP, MODELS, SmallCNN, build_model
-from neuslice.train import cached_model, evaluate, seed_everything, train_classifier
+from neuslice.experiments.models import MLP, MODELS, SmallCNN, build_model
+from neuslice.experiments.train import cached_model, evaluate, seed_everything, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_cached_model_corrupt_file(tmp_path, caplog):
     cached_model("mlp", "digits", **kw)
     (path,) = tmp_path.glob("*.pt")
     path.write_bytes(b"not a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="neuslice.train"):
+    with caplog.at_level(logging.WARNING, logger="neuslice.experiments.train"):
         model, _, test = cached_model("mlp", "digits", **kw)
     assert "retraining" in caplog.text
     assert path.stat().st_size > 100

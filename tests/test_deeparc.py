@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from neuslice.cka import hsic
-from neuslice.deeparc import (
+from neuslice.decomposition.deeparc import (
     DeepArcModules,
     deeparc,
     freeze_except,

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 import neuslice
-from neuslice.data import load_digits, load_mnist5k
-from neuslice.incremental import (incremental_run, learn_task, make_slicer, replay_bytes,
+from neuslice.experiments.data import load_digits, load_mnist5k
+from neuslice.maintenance.incremental import (incremental_run, learn_task, make_slicer, replay_bytes,
                                   replay_subset, slice_bytes, split_tasks, task_accuracy,
                                   task_logits, union_slice)
 from neuslice.layers import model_fingerprint
-from neuslice.models import MLP, SmallCNN
+from neuslice.experiments.models import MLP, SmallCNN
 
 AB = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 ABC = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
@@ -25,9 +25,9 @@ TRAIN = dict(epochs=6, lr=3e-3)
 @pytest.fixture(autouse=True)
 def _quiet():
     # profiling on one task's data warns that the other classes have no samples (expected here)
-    logging.getLogger("neuslice.profile").setLevel(logging.ERROR)
+    logging.getLogger("neuslice.profiling").setLevel(logging.ERROR)
     yield
-    logging.getLogger("neuslice.profile").setLevel(logging.NOTSET)
+    logging.getLogger("neuslice.profiling").setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def cnn() -> SmallCNN:
 
 
 def semantic(model, dataset, classes):
-    prof = neuslice.profile(model, neuslice.data.make_loader(dataset, batch_size=128),
+    prof = neuslice.profile(model, neuslice.experiments.data.make_loader(dataset, batch_size=128),
                             num_classes=10, metrics=("taylor",), progress=False)
     return neuslice.semantic_slice(prof, "taylor", threshold=0.9)
 
@@ -145,13 +145,13 @@ def test_chain_abc_keeps_a_and_b_exact(digits):
 
 @pytest.fixture(scope="module")
 def ab_runs(digits):
-    logging.getLogger("neuslice.profile").setLevel(logging.ERROR)
+    logging.getLogger("neuslice.profiling").setLevel(logging.ERROR)
     train, test = digits
     tr, te = split_tasks(train, AB), split_tasks(test, AB)
     out = {m: incremental_run(mlp, tr, te, AB, m, **TRAIN)
            for m in ("original", "retrain", "finetune", "replay10", "neusemslice",
                      "neusemslice+replay10")}
-    logging.getLogger("neuslice.profile").setLevel(logging.NOTSET)
+    logging.getLogger("neuslice.profiling").setLevel(logging.NOTSET)
     return out
 
 
@@ -277,7 +277,7 @@ def test_task_batchnorm_keeps_each_task_exact_and_counts_its_bytes(digits):
     """Per-task BatchNorm statistics (re-estimated under the task's mask): task A is still
     exactly what it was after learning it, the statistics are the recalibrated ones, and their
     bytes are counted."""
-    from neuslice.incremental import task_batchnorm_stats
+    from neuslice.maintenance.incremental import task_batchnorm_stats
 
     train, test = digits
     tr, te = split_tasks(train, ABC), split_tasks(test, ABC)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import neuslice
-from neuslice.optim import MaskedOptimizer, trainable_fraction
+from neuslice.maintenance.masked_optimizer import MaskedOptimizer, trainable_fraction
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2,

@@ -14,7 +14,7 @@ from torch import nn
 
 import neuslice
 from neuslice import cka
-from neuslice.profile import Profile
+from neuslice.profiling.profile import Profile
 
 from conftest import (
     IN_FEATURES as IN, NUM_CLASSES, assert_same_snapshot, build, captum_deeplift, direct_taylor,

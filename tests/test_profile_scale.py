@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
-from neuslice.data import CategoryGroupedSampler
-from neuslice.memory import MemoryBudgetError
+from neuslice.experiments.data import CategoryGroupedSampler
+from neuslice.runtime.memory import MemoryBudgetError
 
 from conftest import assert_same_snapshot, make_data, snapshot
 from conftest import build as _build
@@ -101,7 +101,7 @@ def test_grouped_order_refuses_unsorted_data():
 def test_thousand_categories_grouped_keeps_few_accumulators(monkeypatch):
     """1,000 categories: the grouped pass never holds more than the categories of one batch
     plus one, and gives the same slices as the unbounded 'any' pass."""
-    from neuslice import _layer_state
+    from neuslice.profiling import layer_state as _layer_state
 
     n_cls, per = 1000, 5
     g = torch.Generator().manual_seed(0)
@@ -177,7 +177,7 @@ def test_grouped_budget_rechecked_when_a_batch_opens_many_categories():
     """Tiny categories: one batch spans many of them; the plan of 2 open categories is
     re-checked at run time and a budget it no longer fits is refused."""
     from neuslice.layers import find_layers
-    from neuslice.memory import estimate
+    from neuslice.runtime.memory import estimate
 
     n_cls = 40
     model = build("mlp")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuslice.pruning import (
+from neuslice.maintenance.pruning import (
     METHODS, PruneReport, compression_rate, iterative_prune, prune_weights,
     remove_reparametrization, sparsity,
 )

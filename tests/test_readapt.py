@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import neuslice
-from neuslice.data import DIGITS_MEAN, DIGITS_STD, load_digits
-from neuslice.models import MLP
-from neuslice.optim import trainable_fraction
-from neuslice.readapt import (NormalizedModel, ReadaptResult, adversarial_dataset, denormalize,
+from neuslice.experiments.data import DIGITS_MEAN, DIGITS_STD, load_digits
+from neuslice.experiments.models import MLP
+from neuslice.maintenance.masked_optimizer import trainable_fraction
+from neuslice.maintenance.readapt import (NormalizedModel, ReadaptResult, adversarial_dataset, denormalize,
                               evaluate_readaptation, make_attack, normalize, readapt)
-from neuslice.train import evaluate, seed_everything, train_classifier
+from neuslice.experiments.train import evaluate, seed_everything, train_classifier
 
 pytest.importorskip("torchattacks")
 

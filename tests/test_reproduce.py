@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("torch_pruning")
 
-from neuslice.cli import main  # noqa: E402
-from neuslice.reproduce import RQ2Config, format_rq2, plot_rq2, run_rq2  # noqa: E402
+from neuslice.experiments.cli import main  # noqa: E402
+from neuslice.experiments.reproduce import RQ2Config, format_rq2, plot_rq2, run_rq2  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +39,7 @@ def test_rq2_plot_is_a_png(rq2_rows, tmp_path):
 
 def test_rq2_cli_writes_table_and_png(rq2_rows, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    import neuslice.reproduce as rq2
+    import neuslice.experiments.reproduce as rq2
 
     monkeypatch.setattr(rq2, "run_rq2", lambda config: rq2_rows)  # the run itself is tested above
     out = tmp_path / "out"

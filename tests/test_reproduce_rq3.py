@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("torchattacks")
 pytest.importorskip("sklearn")
 
-from neuslice.cli import main  # noqa: E402
-from neuslice.reproduce_rq3 import (METHODS, RQ3Config, format_rq3, plot_rq3,  # noqa: E402
+from neuslice.experiments.cli import main  # noqa: E402
+from neuslice.experiments.reproduce_rq3 import (METHODS, RQ3Config, format_rq3, plot_rq3,  # noqa: E402
                                     run_rq3)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,7 +51,7 @@ def test_rq3_plot_is_a_png(rq3_rows, tmp_path):
 
 def test_rq3_cli_writes_table_and_png(rq3_rows, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    import neuslice.reproduce_rq3 as rq3
+    import neuslice.experiments.reproduce_rq3 as rq3
 
     monkeypatch.setattr(rq3, "run_rq3", lambda config: rq3_rows)  # the run is tested above
     out = tmp_path / "out"
@@ -73,7 +73,7 @@ def test_rq3_bad_config(kwargs):
 
 
 def test_rq3_accepts_the_cnn_setting():
-    from neuslice.reproduce_rq3 import RQ3_EPS, RQ3Config
+    from neuslice.experiments.reproduce_rq3 import RQ3_EPS, RQ3Config
 
     assert RQ3Config(setting="cnn-mnist").setting == "cnn-mnist"
     assert set(RQ3_EPS["cnn-mnist"]) == {"fgsm", "pgd"}

@@ -4,8 +4,8 @@ the SmallCNN (BatchNorm) setting in a fast mode."""
 import pytest
 import torch
 
-from neuslice.cli import main
-from neuslice.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, plot_rq4, run_rq4
+from neuslice.experiments.cli import main
+from neuslice.experiments.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, plot_rq4, run_rq4
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +88,7 @@ def test_rq4_plot_is_a_png(digits_rows, cnn_rows, tmp_path):
 
 def test_rq4_cli_writes_table_and_png(digits_rows, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    import neuslice.reproduce_rq4 as rq4
+    import neuslice.experiments.reproduce_rq4 as rq4
 
     monkeypatch.setattr(rq4, "run_rq4", lambda config: digits_rows)  # the run is tested above
     out = tmp_path / "out"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from neuslice import data as nsdata
-from neuslice import zoo
-from neuslice.cli import main
+from neuslice.experiments import data as nsdata
+from neuslice.experiments import zoo
+from neuslice.experiments.cli import main
 
 PER_CLASS = {True: 10, False: 4}  # train / test images per class
 
@@ -100,7 +100,7 @@ def test_no_data_root(rq, module, fake_torchvision, monkeypatch, capsys):
 
 
 def test_missing_files(fake_torchvision, tmp_path, monkeypatch, capsys):
-    import neuslice.reproduce_rq4 as rq4
+    import neuslice.experiments.reproduce_rq4 as rq4
 
     monkeypatch.setattr(rq4, "run_rq4", _no_run)
     monkeypatch.setenv("NEUSLICE_DATA", str(tmp_path))  # exists, but holds no CIFAR-10
@@ -115,7 +115,7 @@ def test_missing_files(fake_torchvision, tmp_path, monkeypatch, capsys):
 
 
 def test_without_torchvision(cifar_root, monkeypatch, capsys):
-    import neuslice.reproduce as rq2
+    import neuslice.experiments.reproduce as rq2
 
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
@@ -136,9 +136,9 @@ def test_bad_device(capsys):
 
 
 def test_settings_tables():
-    from neuslice.reproduce import SETTINGS, RQ2Config
-    from neuslice.reproduce_rq3 import RQ3_EPS, RQ3_SETTINGS, RQ3Config
-    from neuslice.reproduce_rq4 import RQ4_SETTINGS, RQ4Config
+    from neuslice.experiments.reproduce import SETTINGS, RQ2Config
+    from neuslice.experiments.reproduce_rq3 import RQ3_EPS, RQ3_SETTINGS, RQ3Config
+    from neuslice.experiments.reproduce_rq4 import RQ4_SETTINGS, RQ4Config
 
     for name in ("vgg16-cifar10", "resnet18-cifar10"):
         assert SETTINGS[name].data == RQ4_SETTINGS[name].data == RQ3_SETTINGS[name][1] \
@@ -155,7 +155,7 @@ def test_settings_tables():
 
 # --------------------------------------------------------------------- end to end, fake data
 def test_rq2_vgg16_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
-    from neuslice.reproduce import RQ2Config, format_rq2, run_rq2
+    from neuslice.experiments.reproduce import RQ2Config, format_rq2, run_rq2
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
     cfg = RQ2Config(setting="vgg16-cifar10", seeds=(0,), epochs=1, max_rounds=1,
@@ -173,7 +173,7 @@ def test_rq2_vgg16_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, 
 
 
 def test_rq4_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
-    from neuslice.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
+    from neuslice.experiments.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
 
     monkeypatch.setenv("NEUSLICE_DATA", str(cifar_root))  # the root from the environment
     cfg = RQ4Config(setting="resnet18-cifar10", seeds=(0,), epochs=1, scenario="ab",
@@ -193,7 +193,7 @@ def test_rq4_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatc
 
 def test_rq3_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("torchattacks")
-    from neuslice.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3
+    from neuslice.experiments.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
     cfg = RQ3Config(setting="resnet18-cifar10", seeds=(0,), epochs=1, readapt_epochs=1,
@@ -208,7 +208,7 @@ def test_rq3_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatc
 
 
 def test_cli_passes_data_root_and_device(fake_torchvision, cifar_root, monkeypatch, capsys):
-    import neuslice.reproduce_rq3 as rq3
+    import neuslice.experiments.reproduce_rq3 as rq3
 
     seen = {}
 

@@ -12,7 +12,7 @@ from torch import nn
 import neuslice
 
 pytest.importorskip("torch_pruning")
-from neuslice.restructure import restructure  # noqa: E402
+from neuslice.maintenance.restructure import restructure  # noqa: E402
 
 IMG = [3, 8, 8]
 
@@ -171,7 +171,7 @@ def test_all_non_critical_keeps_one(caplog):
     model = mlp()
     masks = {"0": torch.zeros(16, dtype=torch.bool), "2": torch.ones(12, dtype=torch.bool)}
     sl = make_slice(model, [10], masks=masks)
-    with caplog.at_level(logging.WARNING, logger="neuslice.restructure"):
+    with caplog.at_level(logging.WARNING, logger="neuslice.maintenance.restructure"):
         small, eff = restructure(model, sl, _x([10], 2), return_slice=True)
     assert small[0].out_features == 1 and small[2].in_features == 1
     assert int(eff.masks["0"].sum()) == 1

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import neuslice
-from neuslice import zoo
+from neuslice.experiments import zoo
 
 from conftest import _randomize_bn as randomize_bn
 from conftest import assert_same_snapshot, make_loader, max_rel_err, snapshot

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .reference import ROUTES
 from .dispatch import BACKENDS, ENV_VAR, backend_report, select
 
-__all__ = ["block_gram_norms", "select", "backend_report", "BACKENDS", "ENV_VAR", "reference"]
-
-_ROUTES = ("auto", "feature", "sample")
+__all__ = ["block_gram_norms", "select", "backend_report", "BACKENDS", "ENV_VAR", "reference",
+           "ROUTES"]
 
 
 def block_gram_norms(x: torch.Tensor, route: str = "auto", backend: str | None = None) -> torch.Tensor:
@@ -34,8 +34,8 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto", backend: str | None =
                          f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if route not in _ROUTES:
-        raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if route == "auto":
-        route = reference.choose_route(*x.shape)
+        route = reference.block_gram_route(*x.shape)
     return select(x, backend).run(x, route)

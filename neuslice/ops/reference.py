@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_gram_norms", "choose_route", "accumulation_dtype"]
+from .._utils.numerics import accumulation_dtype
 
+__all__ = ["block_gram_norms", "block_gram_route", "ROUTES"]
+
+ROUTES = ("auto", "feature", "sample")  # ways to compute block_gram_norms
 _BLOCK_ELEMS = 2**25  # bound on the elements of any temporary
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; every other float type accumulates in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def choose_route(n: int, d: int, s: int) -> str:
+def block_gram_route(n: int, d: int, s: int) -> str:
     """The cheaper way to compute ``block_gram_norms`` by flop count."""
     feature = n * (d * s) ** 2
     sample = d * n * n * s + d * d * n * n
@@ -31,7 +29,7 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
     n, d, s = x.shape
     x = x.to(accumulation_dtype(x))
     if route == "auto":
-        route = choose_route(n, d, s)
+        route = block_gram_route(n, d, s)
     m = x.new_empty((d, d))
     if route == "feature":
         flat = x.reshape(n, d * s)

@@ -26,10 +26,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._hooks import hooks_at, module_modes
-from ._progress import progress as progress_bar
-from .cka import hsic
-from .layers import SlicedLayer, find_layers
+from .._utils.hooks import hooks_at, module_modes
+from .._utils.progress import progress as progress_bar
+from ..cka import hsic
+from ..layers import SlicedLayer, find_layers
+from .._utils.checks import model_device
+from .._utils.numerics import no_tf32
 
 __all__ = [
     "DeepArcModules",
@@ -153,10 +155,7 @@ def layer_similarities(
         raise ValueError(
             f"DeepArc needs at least 2 layers to compare consecutive ones, got "
             f"{[l.name for l in sliced]}")
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = model_device(model)
 
     n = len(sliced)
     self_sum = torch.zeros(n, dtype=torch.float64)
@@ -175,10 +174,9 @@ def layer_similarities(
     points = [(l.hook_module, l.call_index, capture(i, l)) for i, l in enumerate(sliced)]
     used = skipped = 0
     bar = progress_bar(loader, progress, "neuslice.deeparc")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        with module_modes(model, train=False), torch.no_grad(), hooks_at(model, points):
+        with no_tf32(), module_modes(model, train=False), torch.no_grad(), \
+                hooks_at(model, points):
             for b, batch in enumerate(bar):
                 x = _batch_inputs(batch, b)
                 if x.shape[0] < _MIN_BATCH:
@@ -196,7 +194,6 @@ def layer_similarities(
                     [hsic(grams[i], grams[i + 1], "unbiased").cpu() for i in range(n - 1)])
                 used += 1
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         grams[:] = [None] * n
         if hasattr(bar, "close"):
             bar.close()

@@ -4,13 +4,13 @@ A trained model is fine-tuned on clean and adversarial samples together, minimis
 ``CE(f(x), y) + CE(f(x_adv), y)``, while only some parameters learn:
 
 * NeuSemSlice / global / category-wise slices: only the slice's critical neurons (plus the
-  classifier head) train, through :class:`neuslice.optim.MaskedOptimizer`;
+  classifier head) train, through :class:`neuslice.maintenance.masked_optimizer.MaskedOptimizer`;
 * full training (``slice=None``): every parameter trains.
 
 Metrics (:func:`evaluate_readaptation`):
 
 * **TPR** (training parameter ratio): fraction of parameter entries allowed to change,
-  :func:`neuslice.optim.trainable_fraction` (1.0 for full training);
+  :func:`neuslice.maintenance.masked_optimizer.trainable_fraction` (1.0 for full training);
 * **RA** (retrained accuracy): accuracy of the *re-adapted* model on the held-out adversarial
   test samples that were generated against the *original* model;
 * **RAA** (re-attack accuracy): accuracy of the re-adapted model on *new* adversarial samples
@@ -38,12 +38,12 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
-from ._hooks import module_modes
-from .data import make_loader
-from .layers import model_fingerprint
-from .optim import MaskedOptimizer, _check_train, trainable_fraction
-from .slicing import Slice
-from .train import evaluate
+from .._utils.hooks import module_modes
+from ..layers import model_fingerprint
+from .masked_optimizer import MaskedOptimizer, _check_train, trainable_fraction
+from ..slicing import Slice
+from .._utils.training import evaluate, make_loader
+from .._utils.checks import model_device
 
 __all__ = [
     "ATTACKS",
@@ -155,11 +155,6 @@ def _check_pos_int(value: Any, what: str) -> int:
     return value
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 class Attack:
     """A configured L-inf attack on ``model``: ``attack(x, y) -> x_adv`` (see :func:`make_attack`).
 
@@ -210,7 +205,7 @@ class Attack:
                             f"{type(y).__name__}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x holds {x.shape[0]} samples but y {y.shape[0]} labels")
-        dev = _device_of(self.model)
+        dev = model_device(self.model)
         self._attack.set_device(dev)
         pixels = self.to_pixels(x.detach().to(dev, torch.float32))
         devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -338,7 +333,7 @@ def readapt(model: nn.Module, slice: Slice | None, clean_train: Dataset, adv_tra
 
     Sample i of ``adv_train`` must be the adversarial version of sample i of ``clean_train``;
     each batch pairs them (one seeded shuffle). ``slice=None`` trains every parameter (full
-    training); otherwise :class:`~neuslice.optim.MaskedOptimizer` with ``train`` ("critical":
+    training); otherwise :class:`~neuslice.maintenance.masked_optimizer.MaskedOptimizer` with ``train`` ("critical":
     only the slice's critical neurons and the head; "noncritical": the others) keeps the
     remaining entries bit-identical. ``device=None`` uses the model's device. Returns the copy
     in eval mode; ``model`` itself is not modified.
@@ -360,7 +355,7 @@ def readapt(model: nn.Module, slice: Slice | None, clean_train: Dataset, adv_tra
     _check_pair(clean_train, adv_train, "train")
 
     adapted = copy.deepcopy(model)
-    dev = _device_of(model) if device is None else torch.device(device)
+    dev = model_device(model) if device is None else torch.device(device)
     adapted.to(dev)
     optimizer: Any = torch.optim.Adam(adapted.parameters(), lr=lr)
     if slice is not None:

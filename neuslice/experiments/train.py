@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from ._hooks import module_modes
-from ._io import atomic_torch_save
-from .data import load_dataset, make_loader
+from .._utils.io import atomic_torch_save
+from .._utils.training import evaluate, fit_epochs, make_loader
+from .data import load_dataset
 from .models import MODELS, build_model
 
 logger = logging.getLogger(__name__)
@@ -47,34 +45,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def fit_epochs(model: nn.Module, loader, optimizer, epochs: int,
-               device: torch.device | None = None, progress: bool = False,
-               desc: str = "train") -> list[float]:
-    """Cross-entropy training epochs with ``optimizer`` (any object with ``zero_grad``/``step``);
-    returns the mean loss of each epoch. The model is in train mode during, eval mode after."""
-    losses: list[float] = []
-    model.train()
-    try:
-        bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
-        for epoch in bar:
-            total, count = 0.0, 0
-            for x, y in loader:
-                if device is not None:
-                    x, y = x.to(device), y.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(y)
-                count += len(y)
-            losses.append(total / max(count, 1))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            logger.debug("epoch %d/%d: mean loss %.4f", epoch + 1, epochs, losses[-1])
-    finally:
-        model.eval()
-    return losses
 
 
 def train_classifier(
@@ -111,41 +81,6 @@ def train_classifier(
     losses = fit_epochs(model, loader, optimiser, epochs, dev, progress=progress)
     model.eval()
     return model, losses
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset_or_loader: Dataset | DataLoader,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on a dataset or loader of ``(x, y)``.
-
-    Runs in eval mode and restores the model's previous train/eval mode.
-    ``device=None`` uses the device of the model's parameters (CPU if none);
-    a given ``device`` moves the model there.
-    """
-    _check_module(model)
-    if isinstance(dataset_or_loader, DataLoader):
-        loader = dataset_or_loader
-    else:
-        loader = make_loader(dataset_or_loader, batch_size=batch_size)
-    if device is None:
-        param = next(model.parameters(), None)
-        dev = param.device if param is not None else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        model.to(dev)
-    correct, total = 0, 0
-    with torch.no_grad(), module_modes(model, train=False):
-        for x, y in loader:
-            y = y.to(dev)
-            correct += (model(x.to(dev)).argmax(dim=1) == y).sum().item()
-            total += len(y)
-    if total == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    return correct / total
 
 
 def default_cache_dir() -> Path:
@@ -188,7 +123,7 @@ def cached_model(
 ) -> tuple[nn.Module, Dataset, Dataset]:
     """Return a trained registered model, training it only if no cached copy exists.
 
-    The dataset comes from :func:`neuslice.data.load_dataset` (its split seed is
+    The dataset comes from :func:`neuslice.experiments.data.load_dataset` (its split seed is
     set by ``dataset_kwargs``, not by ``seed``). ``in_features``/``in_channels``
     and ``num_classes`` are inferred from the data unless given in
     ``model_kwargs``. ``seed`` seeds model init and shuffling (via :func:`seed_everything`, so global RNGs are reseeded). The state_dict is

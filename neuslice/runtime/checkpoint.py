@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._io import atomic_torch_save
+from .._utils.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 

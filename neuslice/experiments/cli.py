@@ -15,9 +15,9 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from . import categorywise_slice, global_slice, profile, semantic_slice
+    from .. import categorywise_slice, global_slice, profile, semantic_slice
     from .data import make_loader
-    from .evaluate import (SweepConfig, area_under_curves, format_auc_table, format_table,
+    from .sweep import (SweepConfig, area_under_curves, format_auc_table, format_table,
                            masking_sweep, plot_sweep, write_csv)
     from .train import cached_model
 
@@ -134,7 +134,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _info(_args: argparse.Namespace) -> int:
-    from .info import main as info_main
+    from ..info import main as info_main
 
     return info_main()
 

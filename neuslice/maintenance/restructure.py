@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import SlicedLayer
-from .slicing import Slice
+from ..layers import SlicedLayer
+from ..slicing import Slice
+from .._utils.checks import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def _example_inputs(slice: Slice, example_inputs: Any, model: nn.Module) -> Any:
         return example_inputs
     if not slice.input_shape:
         raise ValueError("the slice records no input shape; pass example_inputs=...")
-    p = next(model.parameters(), None)
-    return torch.zeros([1, *slice.input_shape], device=p.device if p is not None else None)
+    return torch.zeros([1, *slice.input_shape], device=model_device(model))
 
 
 def _forward(model: nn.Module, inputs: Any) -> Any:

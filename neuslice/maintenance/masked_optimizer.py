@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .layers import SLICEABLE_TYPES, find_layers
-from .slicing import Slice
+from ..layers import SLICEABLE_TYPES, find_layers
+from ..slicing import Slice
 
-__all__ = ["MaskedOptimizer", "trainable_fraction", "TRAIN_CHOICES"]
+__all__ = ["MaskedOptimizer", "trainable_fraction", "head_name", "TRAIN_CHOICES"]
 
 TRAIN_CHOICES = ("critical", "noncritical")
 
@@ -58,7 +58,7 @@ def _check_train(train: Any) -> str:
     return train
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
     """Name of the classifier head: the last Linear/Conv2d executed in ``forward``."""
     sliceable = [n for n, m in model.named_modules() if isinstance(m, SLICEABLE_TYPES)]
     try:
@@ -91,7 +91,7 @@ def _plan(model: nn.Module, slice: Slice, train: str,
     train = _check_train(train)
     layers = slice.layers_of(model)  # ValueError when the slice was made for another model
     modules = dict(model.named_modules())
-    head = _head_name(model)
+    head = head_name(model)
     head_mod = modules[head]
     n_out = head_mod.out_features if isinstance(head_mod, nn.Linear) else head_mod.out_channels
     protected = _protected(protect_classes, n_out, head)

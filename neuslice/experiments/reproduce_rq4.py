@@ -15,8 +15,8 @@ For slice methods the task-aware accuracy of an earlier task is that of the *mas
 it includes the cost of masking (recorded right after learning as ``task_aware_at_learning``);
 later tasks never change it (``forgetting`` is exactly 0).
 
-Settings (:data:`RQ4_SETTINGS`) also include ``vgg16-cifar10`` (:class:`neuslice.models.VGG16`)
-and ``resnet18-cifar10`` (``neuslice.zoo.build("resnet18", 10)``) on CIFAR-10 files the user
+Settings (:data:`RQ4_SETTINGS`) also include ``vgg16-cifar10`` (:class:`neuslice.experiments.models.VGG16`)
+and ``resnet18-cifar10`` (``neuslice.experiments.zoo.build("resnet18", 10)``) on CIFAR-10 files the user
 provides (``data_root`` / ``$NEUSLICE_DATA``; never downloaded), on ``device`` (default CUDA
 when there). They run this same code; only the table's hyper-parameters differ.
 
@@ -41,15 +41,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .data import make_loader
-from .deeparc import deeparc, freeze_except
-from .incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
+from ..decomposition.deeparc import deeparc, freeze_except
+from ..maintenance.incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
                           task_accuracy_any)
 from .models import MLP, VGG16, SmallCNN
-from .optim import _head_name
-from .profile import profile
-from .report_plots import Panel, bar_panels, mean_std, seeds_note
+from ..maintenance.masked_optimizer import head_name
+from ..profiling.profile import profile
+from .plots import Panel, bar_panels, mean_std, seeds_note
 from .reproduce import _check_common, _matched_categorywise, _ms, resolve_device, setting_data
-from .slicing import Slice, global_slice, semantic_slice
+from ..slicing import Slice, global_slice, semantic_slice
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ __all__ = ["RQ4_SETTINGS", "RQ4Setting", "SCENARIOS", "RQ4_METHODS", "RQ4Config"
 
 class RQ4Setting(NamedTuple):
     """Model kind ("mlp" = MLP(hidden), "cnn" = SmallCNN(width), "vgg16" = models.VGG16,
-    "resnet18" = zoo.build("resnet18")), dataset (see neuslice.reproduce.setting_data), default
+    "resnet18" = zoo.build("resnet18")), dataset (see neuslice.experiments.reproduce.setting_data), default
     epochs per task and the training batch size."""
 
     model: str
@@ -162,7 +162,7 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
     mods = deeparc(model, make_loader(train_sets[0], batch_size=256),
                    threshold=config.deeparc_threshold)
     at_learning = {0: task_accuracy(model, test_sets[0], groups[0])}
-    head = model.get_submodule(_head_name(model))
+    head = model.get_submodule(head_name(model))
     for t in range(1, len(groups)):
         freeze_except(model, mods.redundant)
         # Frozen layers' BatchNorm statistics would still drift in train mode: keep them.

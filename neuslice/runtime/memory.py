@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["MemoryEstimate", "MemoryBudgetError", "choose_route", "estimate"]
+__all__ = ["MemoryEstimate", "MemoryBudgetError", "hsic_route", "estimate"]
 
 GiB = 2 ** 30
 _FEATURE_BUFFER = 256  # samples CovarianceAccumulator buffers per category
@@ -31,8 +31,9 @@ class MemoryBudgetError(MemoryError):
     """The requested profile would need more memory than the budget allows."""
 
 
-def choose_route(d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int) -> str:
-    """The HSIC route of a layer: exact feature-space covariance when small, else minibatches."""
+def hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int) -> str:
+    """How a layer's HSIC statistics are accumulated: ``"feature"`` (exact covariance) when
+    small, else ``"minibatch"`` (unbiased HSIC per category minibatch)."""
     if route != "auto":
         return route
     p = d * positions
@@ -60,7 +61,7 @@ class MemoryEstimate:
         for part, b in sorted(self.parts.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {part:<28} {b / GiB:9.3f} GiB")
         rows = sorted(self.rows, key=lambda r: -r[4])[:top]
-        lines.append(f"  largest layers: " + ", ".join(
+        lines.append("  largest layers: " + ", ".join(
             f"{n} ({r}, d={d}, s={s}: {b / GiB:.2f} GiB)" for n, r, d, s, b in rows))
         return "\n".join(lines)
 
@@ -86,7 +87,7 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
         parts["scores (per category)"] += layer_bytes
         route = "-"
         if hsic:
-            route = choose_route(d, s, hsic_route, cka_batch, max_feature_dim)
+            route = hsic_route(d, s, hsic_route, cka_batch, max_feature_dim)
             p = d * s
             if route == "feature":
                 acc, pending = slots * 8 * (p * p + 3 * p), slots * 4 * _FEATURE_BUFFER * p

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from . import cka
-from ._scores import ranking, score, scorable
-from .layers import SlicedLayer
-from .memory import choose_route
+from .. import cka
+from .._utils.numerics import accumulation_dtype
+from .scores import ranking, score, scorable
+from ..layers import SlicedLayer
+from ..runtime.memory import hsic_route
 from .stats import ACC, CovarianceAccumulator, MinibatchHSICAccumulator, MomentAccumulator
 
 SUM_KEYS = ("taylor", "taylor_batches", "taylor_act", "deeplift")  # per category
@@ -29,7 +30,7 @@ class LayerState:
         z = lambda *shape: torch.zeros(*shape, dtype=ACC, device=device)  # noqa: E731
         self.sums = {"taylor": z(c, d), "taylor_batches": z(c), "taylor_act": z(c, d),
                      "deeplift": z(c, d), "taylor_all": z(d), "taylor_all_batches": z(())}
-        self.route = choose_route(d, positions, cfg.hsic_route, cfg.cka_batch,
+        self.route = hsic_route(d, positions, cfg.hsic_route, cfg.cka_batch,
                                   cfg.max_feature_dim) if cfg.hsic else None
         self.grouped = cfg.category_order == "grouped"
         self.acc = self.new_acc(c) if cfg.hsic and not self.grouped else None
@@ -44,7 +45,7 @@ class LayerState:
         d = self.layer.num_neurons
         if self.route == "feature":
             return CovarianceAccumulator(slots, d * self.positions, self.device,
-                                         ACC if self.feature_dtype == ACC else torch.float32)
+                                         accumulation_dtype(self.feature_dtype))
         backend = self.cfg.backend
         fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=backend)  # noqa: E731
         return MinibatchHSICAccumulator(slots, d, self.cfg.cka_batch, fn, self.device)

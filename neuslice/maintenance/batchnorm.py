@@ -18,10 +18,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ._hooks import module_modes
-from ._progress import progress as progress_bar
-from .masking import masked
-from .slicing import Slice
+from .._utils.hooks import module_modes
+from .._utils.progress import progress as progress_bar
+from ..masking import masked
+from ..slicing import Slice
 
 __all__ = ["recalibrate_batchnorm"]
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._progress import progress as progress_bar
-from .batchnorm import recalibrate_batchnorm
-from .masking import masked
-from .profile import METRICS, Profile
+from .._utils.progress import progress as progress_bar
+from ..maintenance.batchnorm import recalibrate_batchnorm
+from ..masking import masked
+from ..profiling.profile import METRICS, Profile
 from .train import evaluate
-from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
+from ..slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ builders here register the same modules under the same names as torchvision's (`
 ``layer1.0.downsample.0``, ``features.1.block.1.fc1``, ``classifier.6``, ...), so a
 torchvision state-dict file loads into them unchanged::
 
-    model = neuslice.zoo.build("resnet18", weights="resnet18_imagenet.pth")
+    model = neuslice.experiments.zoo.build("resnet18", weights="resnet18_imagenet.pth")
 
 With ``source="auto"`` torchvision's own builder is used when torchvision imports, these
 otherwise; ``source="neuslice"`` / ``"torchvision"`` force one. No weights are downloaded.

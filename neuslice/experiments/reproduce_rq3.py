@@ -20,7 +20,7 @@ the original model's accuracy on the adversarial test set. On the MLP, DeepArc u
 layers (no consecutive CKA reaches 0.99), so every layer is critical and DeepArc coincides with
 full training of the sliced layers (TPR 1); the table says so rather than hiding it.
 
-Settings: those of :data:`neuslice.reproduce.SETTINGS` (the same trained, cached models as RQ2),
+Settings: those of :data:`neuslice.experiments.reproduce.SETTINGS` (the same trained, cached models as RQ2),
 including ``vgg16-cifar10`` and ``resnet18-cifar10`` on CIFAR-10 files the user provides
 (``data_root`` / ``$NEUSLICE_DATA``), attacked at the usual CIFAR budget of 8/255 in pixel
 units (converted to the normalised input space per channel by :func:`make_attack`, as for
@@ -35,22 +35,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import TensorDataset
 
-from . import categorywise_slice, global_slice, profile, semantic_slice
+from .. import global_slice, profile, semantic_slice
 from .data import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, \
     make_loader
-from .deeparc import deeparc
-from .optim import trainable_fraction
-from .readapt import ATTACKS, adversarial_dataset, evaluate_readaptation, make_attack, readapt
-from .report_plots import Panel, bar_panels, mean_std, seeds_note
+from ..decomposition.deeparc import deeparc
+from ..maintenance.masked_optimizer import trainable_fraction
+from ..maintenance.readapt import ATTACKS, adversarial_dataset, evaluate_readaptation, make_attack, readapt
+from .plots import Panel, bar_panels, mean_std, seeds_note
 from .reproduce import SETTINGS, _check_common, _matched_categorywise, _ms, trained_model
-from .slicing import Slice
+from ..slicing import Slice
 from .train import evaluate
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ __all__ = ["RQ3_SETTINGS", "RQ3_EPS", "METHODS", "RQ3Config", "RQ3Row", "run_rq3
            "plot_rq3", "PAPER_RQ3"]
 
 # setting -> (model, dataset, normalisation mean, std); the model is trained as
-# neuslice.reproduce.SETTINGS says (epochs, batch size, learning rate), shared with RQ2.
+# neuslice.experiments.reproduce.SETTINGS says (epochs, batch size, learning rate), shared with RQ2.
 RQ3_SETTINGS = {"mlp-mnist": ("mlp", "mnist5k", MNIST_MEAN, MNIST_STD),
                 "mlp-digits": ("mlp", "digits", DIGITS_MEAN, DIGITS_STD),
                 "cnn-mnist": ("cnn", "mnist5k", MNIST_MEAN, MNIST_STD),

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .layers import _ACT_FUNCTIONS, _ACT_METHODS
+from ..layers import ACT_FUNCTIONS, ACT_METHODS
 
 __all__ = ["rescale_rule", "RESCALE_TYPES", "EPS"]
 
@@ -53,10 +53,10 @@ def _rescaled(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.where(small, out, linear + (out - linear).detach())
 
 
-_RESCALE_FUNCTIONS = frozenset(_ACT_FUNCTIONS) | frozenset(
-    getattr(torch.Tensor, name) for name in _ACT_METHODS)
+_RESCALE_FUNCTIONS = frozenset(ACT_FUNCTIONS) | frozenset(
+    getattr(torch.Tensor, name) for name in ACT_METHODS)
 _INPLACE_FUNCTIONS = frozenset([torch.relu_] + [
-    getattr(torch.Tensor, name) for name in _ACT_METHODS if name.endswith("_")])
+    getattr(torch.Tensor, name) for name in ACT_METHODS if name.endswith("_")])
 
 
 class _RescaleFunctions(TorchFunctionMode):

@@ -9,8 +9,8 @@ paper's MLP-MNIST numbers beside ours. (The paper's MNIST is the full 60k set; o
 
 Settings (:data:`SETTINGS`, shared with RQ3): the bundled-data ones (``mlp-mnist``,
 ``mlp-digits``, ``cnn-mnist``) and two on real CIFAR-10 files the user provides
-(``vgg16-cifar10``: :class:`neuslice.models.VGG16`; ``resnet18-cifar10``:
-``neuslice.zoo.build("resnet18", 10)``, the torchvision/ImageNet layout). Those read
+(``vgg16-cifar10``: :class:`neuslice.experiments.models.VGG16`; ``resnet18-cifar10``:
+``neuslice.experiments.zoo.build("resnet18", 10)``, the torchvision/ImageNet layout). Those read
 ``cifar-10-batches-py`` under ``data_root`` (``--data-root``) or ``$NEUSLICE_DATA`` through
 torchvision, never download, and are meant for a GPU (``device``, default CUDA when there).
 All settings run the same pipeline; only the table's hyper-parameters differ.
@@ -32,15 +32,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from . import categorywise_slice, global_slice, profile, semantic_slice
-from ._io import atomic_torch_save
+from .. import categorywise_slice, global_slice, profile, semantic_slice
+from .._utils.io import atomic_torch_save
 from .data import DATASETS, DISK_DATASETS, load_dataset, make_loader
 from .models import build_model
-from .pruning import iterative_prune
-from .report_plots import Panel, bar_panels, mean_std, seeds_note
-from .restructure import restructure
+from ..maintenance.pruning import iterative_prune
+from .plots import Panel, bar_panels, mean_std, seeds_note
+from ..maintenance.restructure import restructure
 from .train import cached_model, default_cache_dir, evaluate, fit_epochs, seed_everything, \
     train_classifier
+from .._utils.checks import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +144,9 @@ def trained_model(setting: str, seed: int, epochs: int,
     """The setting's model trained for ``epochs`` (Adam, the setting's batch size and learning
     rate) on ``device``, in eval mode, with its ``(train, test)`` data; cached on disk.
 
-    Bundled data go through :func:`neuslice.train.cached_model` (the cache the demo and earlier
+    Bundled data go through :func:`neuslice.experiments.train.cached_model` (the cache the demo and earlier
     runs share); on-disk data are read as :func:`setting_data` reads them and the model is
-    trained with :func:`neuslice.train.train_classifier` and cached in the same folder, keyed
+    trained with :func:`neuslice.experiments.train.train_classifier` and cached in the same folder, keyed
     by model, data, seed, epochs and training arguments (not by the data folder)."""
     spec = SETTINGS[setting]
     dev = resolve_device(device)
@@ -264,7 +265,7 @@ def run_rq2(config: RQ2Config = RQ2Config(), progress: bool = True) -> dict[str,
         t0 = time.perf_counter()
         model, train_set, test_set = trained_model(config.setting, seed, config.epochs,
                                                    config.device, config.data_root)
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         num_classes = int(train_set.tensors[1].max()) + 1
         base_acc = evaluate(model, test_set)
         total = sum(p.numel() for p in model.parameters())

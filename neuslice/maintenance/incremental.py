@@ -32,14 +32,14 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-from ._hooks import module_modes
+from .._utils.hooks import module_modes
 from .batchnorm import recalibrate_batchnorm
-from .data import make_loader
-from .masking import masked
-from .optim import MaskedOptimizer, _head_name, class_index
-from .profile import profile
-from .slicing import Slice, categorywise_slice, global_slice, semantic_slice
-from .train import fit_epochs
+from ..masking import masked
+from .masked_optimizer import MaskedOptimizer, head_name, class_index
+from ..profiling.profile import profile
+from ..slicing import Slice, categorywise_slice, global_slice, semantic_slice
+from .._utils.training import fit_epochs, make_loader
+from .._utils.checks import check_fraction, model_device
 
 __all__ = ["split_tasks", "learn_task", "task_logits", "task_accuracy", "union_slice",
            "make_slicer", "incremental_run", "slice_bytes", "replay_bytes", "replay_subset",
@@ -83,13 +83,6 @@ def _check_groups(class_groups: Any) -> list[list[int]]:
     return groups
 
 
-def _check_fraction(fraction: Any) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or math.isnan(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"replay fraction must be a number in (0, 1], got {fraction!r}")
-    return float(fraction)
-
-
 def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -109,13 +102,8 @@ def _labels(dataset: Dataset) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _num_outputs(model: nn.Module) -> int:
-    head = dict(model.named_modules())[_head_name(model)]
+    head = dict(model.named_modules())[head_name(model)]
     return head.out_features if isinstance(head, nn.Linear) else head.out_channels
 
 
@@ -151,7 +139,7 @@ def _replay_count(n: int, fraction: float) -> int:
 def replay_subset(dataset: Dataset, fraction: float, seed: int = 0) -> TensorDataset:
     """A seeded random ``fraction`` of ``dataset`` (at least one sample): a replay buffer."""
     _check_dataset(dataset)
-    fraction = _check_fraction(fraction)
+    fraction = check_fraction("replay fraction", fraction)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot take a replay buffer of an empty dataset")
@@ -181,7 +169,7 @@ def replay_bytes(dataset: Dataset, fraction: float) -> int:
     :func:`replay_subset` takes them) times the bytes of one input tensor plus its label, in the
     dtypes the dataset holds them (float32 images, int64 labels for the bundled loaders)."""
     _check_dataset(dataset)
-    fraction = _check_fraction(fraction)
+    fraction = check_fraction("replay fraction", fraction)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot size a replay buffer of an empty dataset")
@@ -287,7 +275,7 @@ def learn_task(model: nn.Module, train_set: Dataset, classes: Sequence[int],
     protect = list(protect_classes)
     if protect and frozen_slice is None:
         raise ValueError("protect_classes needs a frozen_slice (the MaskedOptimizer applies it)")
-    dev = _device(model)
+    dev = model_device(model)
     opt: Any = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if frozen_slice is not None:
         opt = MaskedOptimizer(opt, model, frozen_slice, train="noncritical",
@@ -303,7 +291,7 @@ def task_logits(model: nn.Module, dataset: Dataset, classes: Sequence[int] | Non
     the columns ``classes`` (all when None), with ``slice``'s mask applied when given."""
     _check_module(model)
     _check_dataset(dataset)
-    dev = _device(model)
+    dev = model_device(model)
     cols = None if classes is None else torch.tensor(list(classes), dtype=torch.long)
     out = []
     with module_modes(model, train=False):
@@ -381,7 +369,7 @@ def _parse_method(method: Any, replay_fraction: float) -> tuple[str, float | Non
     if m:
         base = "neusemslice" if m.group(1).startswith("neusemslice") else "finetune"
         frac = replay_fraction if m.group(2) is None else float(m.group(2)) / 100
-        return base, _check_fraction(frac)
+        return base, check_fraction("replay fraction", frac)
     if method in ("original", "retrain", "finetune", "neusemslice"):
         return method, None
     raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)} (replay methods "

@@ -7,9 +7,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ._hooks import hooks_at
+from .._utils.hooks import hooks_at
+from .._utils.numerics import accumulation_dtype
 from .deeplift import rescale_rule
-from .layers import SlicedLayer
+from ..layers import SlicedLayer
 from .stats import ACC
 
 
@@ -56,11 +57,6 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def work_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else (incl. bf16/fp16 under autocast) -> float32."""
-    return ACC if t.dtype == ACC else torch.float32
-
-
 def neuron_values(layer: SlicedLayer, h: torch.Tensor) -> torch.Tensor:
     """(batch, d, positions) neuron outputs at the layer's output point, detached."""
     return layer.neuron_view(layer.apply_post(h.detach().clone() if layer.post_ops else h.detach()))
@@ -84,7 +80,7 @@ def probe_positions(model, layers, x: torch.Tensor, autocast=None):
     if missing:
         raise RuntimeError(f"layer(s) {missing} were not executed by the model's forward pass.")
     values = {l.name: neuron_values(l, kept[l.name]) for l in layers}
-    dtype = work_dtype(next(iter(values.values()))) if values else torch.float32
+    dtype = accumulation_dtype(next(iter(values.values()))) if values else torch.float32
     return {n: int(v.shape[2]) for n, v in values.items()}, dtype
 
 
@@ -117,7 +113,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
         if h is None:
             raise RuntimeError(f"layer {l.name!r} was not executed by the model's forward pass.")
         a = neuron_values(l, h)
-        a = a.to(work_dtype(a))
+        a = a.to(accumulation_dtype(a))
         check_finite(l, a, "outputs")
         st.moments.update(a.mean(dim=2), y)
         if cfg.hsic:
@@ -125,7 +121,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
     if not want_grad:
         return
     check_logits(logits, cfg.num_classes, "Taylor")
-    loss = F.cross_entropy(logits.to(work_dtype(logits)), y, reduction="sum")
+    loss = F.cross_entropy(logits.to(accumulation_dtype(logits)), y, reduction="sum")
     targets, owners = [], []
     for l in layers:
         for key, t in kept[l.name].items():
@@ -135,7 +131,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
     per = {}
     for (l, key), t, g in zip(owners, targets, grads):
         g = torch.zeros_like(t) if g is None else g
-        wd = work_dtype(t)
+        wd = accumulation_dtype(t)
         per[(l.name, key)] = (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
     cats, inv, n_b = torch.unique(y, return_inverse=True, return_counts=True)  # present ones
     for l in layers:
@@ -171,12 +167,12 @@ def deeplift_pass(model, layers, states, x, y, cfg) -> None:
             logits = model(both)
     check_logits(logits, cfg.num_classes, "DeepLIFT")
     half = x.shape[0]
-    target = logits[:half].gather(1, y.view(-1, 1)).to(work_dtype(logits)).sum()
+    target = logits[:half].gather(1, y.view(-1, 1)).to(accumulation_dtype(logits)).sum()
     hs = [kept[l.name] for l in layers]
     grads = torch.autograd.grad(target, hs, allow_unused=True)
     for l, h, g in zip(layers, hs, grads):
         g = torch.zeros_like(h) if g is None else g
-        wd = work_dtype(h)
+        wd = accumulation_dtype(h)
         h = l.neuron_view(h.detach()).to(wd)
         contrib = ((h[:half] - h[half:]) * l.neuron_view(g)[:half].to(wd)).sum(2).to(ACC)
         check_finite(l, contrib, "DeepLIFT contributions")
