@@ -42,6 +42,9 @@ def hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_d
         else "minibatch"
 
 
+_route_of = hsic_route  # estimate() has a parameter of the same name
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes per layer and component; ``total`` is the peak the accumulators need."""
@@ -87,7 +90,7 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
         parts["scores (per category)"] += layer_bytes
         route = "-"
         if hsic:
-            route = hsic_route(d, s, hsic_route, cka_batch, max_feature_dim)
+            route = _route_of(d, s, hsic_route, cka_batch, max_feature_dim)
             p = d * s
             if route == "feature":
                 acc, pending = slots * 8 * (p * p + 3 * p), slots * 4 * _FEATURE_BUFFER * p
