@@ -13,7 +13,7 @@ from .. import cka
 from .._utils.numerics import accumulation_dtype
 from .scores import ranking, score, scorable
 from ..layers import SlicedLayer
-from ..runtime.memory import hsic_route
+from ..runtime.memory import pick_hsic_route
 from .stats import ACC, CovarianceAccumulator, MinibatchHSICAccumulator, MomentAccumulator
 
 SUM_KEYS = ("taylor", "taylor_batches", "taylor_act", "deeplift")  # per category
@@ -30,7 +30,7 @@ class LayerState:
         z = lambda *shape: torch.zeros(*shape, dtype=ACC, device=device)  # noqa: E731
         self.sums = {"taylor": z(c, d), "taylor_batches": z(c), "taylor_act": z(c, d),
                      "deeplift": z(c, d), "taylor_all": z(d), "taylor_all_batches": z(())}
-        self.route = hsic_route(d, positions, cfg.hsic_route, cfg.cka_batch,
+        self.route = pick_hsic_route(d, positions, cfg.hsic_route, cfg.cka_batch,
                                   cfg.max_feature_dim) if cfg.hsic else None
         self.grouped = cfg.category_order == "grouped"
         self.acc = self.new_acc(c) if cfg.hsic and not self.grouped else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["MemoryEstimate", "MemoryBudgetError", "hsic_route", "estimate"]
+__all__ = ["MemoryEstimate", "MemoryBudgetError", "pick_hsic_route", "estimate"]
 
 GiB = 2 ** 30
 _FEATURE_BUFFER = 256  # samples CovarianceAccumulator buffers per category
@@ -31,7 +31,7 @@ class MemoryBudgetError(MemoryError):
     """The requested profile would need more memory than the budget allows."""
 
 
-def hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int) -> str:
+def pick_hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int) -> str:
     """How a layer's HSIC statistics are accumulated: ``"feature"`` (exact covariance) when
     small, else ``"minibatch"`` (unbiased HSIC per category minibatch)."""
     if route != "auto":
@@ -42,7 +42,6 @@ def hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_d
         else "minibatch"
 
 
-_route_of = hsic_route  # estimate() has a parameter of the same name
 
 
 @dataclass
@@ -90,7 +89,7 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
         parts["scores (per category)"] += layer_bytes
         route = "-"
         if hsic:
-            route = _route_of(d, s, hsic_route, cka_batch, max_feature_dim)
+            route = pick_hsic_route(d, s, hsic_route, cka_batch, max_feature_dim)
             p = d * s
             if route == "feature":
                 acc, pending = slots * 8 * (p * p + 3 * p), slots * 4 * _FEATURE_BUFFER * p
