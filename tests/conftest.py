@@ -363,9 +363,34 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
     assert a["ids"] == b["ids"]
 
 
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b|, NaN-aware: non-finite entries must match exactly (same NaN positions,
+    same infinities), else the error is ``inf``; finite entries are compared as usual."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape:
+        return float("inf")
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(torch.isnan(a), torch.isnan(b)) \
+            or not torch.equal(a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)]):
+        return float("inf")
+    return float((a[fa] - b[fb]).abs().max()) if bool(fa.any()) else 0.0
+
+
+def finite_max(b: torch.Tensor) -> float:
+    """Largest |b| over the finite entries (0 when there are none)."""
+    b = b.detach().double().cpu()
+    b = b[torch.isfinite(b)]
+    return float(b.abs().max()) if b.numel() else 0.0
+
+
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+    """``max_abs_err`` relative to the largest finite |b|."""
+    return max_abs_err(a, b) / max(finite_max(b), 1e-300)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """NaN-aware: ``max_abs_err(a, b) <= tol * max(1, finite_max(b))``."""
+    return max_abs_err(a, b) <= tol * max(1.0, finite_max(b))
 
 
 # Where each sliced layer's neuron output is (module names) and which modules own its parameters.

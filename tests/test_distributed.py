@@ -16,6 +16,7 @@ import neuslice
 from neuslice.runtime import checkpoint as ckpt
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import finite_max, max_abs_err  # noqa: E402
 from dist_worker import BATCH, C, data  # noqa: E402
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -52,7 +53,7 @@ def _batches(ds, index_lists):
 
 
 def _rel(a, b):
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+    return max_abs_err(a, b) / max(1.0, finite_max(b))
 
 
 def _load(out, name):

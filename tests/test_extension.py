@@ -9,6 +9,7 @@ import torch
 
 _C = pytest.importorskip("neuslice._C", reason="native extension neuslice._C not built")
 
+from conftest import max_rel_err  # noqa: E402
 from neuslice import ops  # noqa: E402
 from neuslice.ops import reference  # noqa: E402
 
@@ -29,7 +30,7 @@ def _x(shape, seed, dtype=torch.float64, device="cpu"):
 
 
 def _rel_err(got, want):
-    return ((got.double().cpu() - want.double().cpu()).abs().max() / want.abs().max()).item()
+    return max_rel_err(got, want)
 
 
 def test_module_flag_and_op_registered():

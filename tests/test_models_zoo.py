@@ -15,7 +15,7 @@ from neuslice.slicing import Slice
 
 from conftest import (
     NUM_CLASSES, TinyResNet, _lift_bias, _randomize_bn, captum_deeplift, make_data,
-    make_loader, make_twin_pair, max_rel_err, outputs_of, per_sample,
+    close, make_loader, make_twin_pair, max_rel_err, outputs_of, per_sample,
 )
 
 C = NUM_CLASSES
@@ -33,8 +33,7 @@ def _profile(model, x, y, **kw):
 
 
 def _close(a, b, tol=1e-6):
-    scale = max(1.0, float(b.abs().max()))
-    return float((a - b).abs().max()) <= tol * scale
+    return close(a, b, tol)
 
 
 @pytest.mark.parametrize("route", ["feature", "minibatch"])

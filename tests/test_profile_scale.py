@@ -11,7 +11,7 @@ import neuslice
 from neuslice.experiments.data import CategoryGroupedSampler
 from neuslice.runtime.memory import MemoryBudgetError
 
-from conftest import assert_same_snapshot, make_data, snapshot
+from conftest import assert_same_snapshot, close, make_data, snapshot
 from conftest import build as _build
 
 C = 3
@@ -26,7 +26,7 @@ def _grouped(x, y, batch=7, **kw):
 
 
 def _close(a, b, tol=1e-10):
-    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+    return close(a, b, tol)
 
 
 def _prof(model, loader, **kw):

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import neuslice.ops  # noqa: E402
+from conftest import max_abs_err  # noqa: E402
 from neuslice.ops import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,7 +38,7 @@ def _randn(shape, seed, dtype=torch.float32):
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double().cpu() - want.double().cpu()).abs().max())
+    return max_abs_err(got, want)
 
 
 def _scale(want: torch.Tensor) -> float:

@@ -10,9 +10,11 @@ configuration or another data order is refused with the reason.
 from __future__ import annotations
 
 import hashlib
+import glob
 import json
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -81,13 +83,31 @@ def load(path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist.") from None
+        raise FileNotFoundError(_missing_message(os.fspath(path))) from None
     except Exception as exc:
         raise ValueError(f"{path} is not a readable neuslice checkpoint (corrupt or truncated?): "
                          f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("version") != VERSION:
         raise ValueError(f"{path} is not a neuslice profile checkpoint (version {VERSION}).")
     return blob
+
+
+def _missing_message(path: str) -> str:
+    """Why ``path`` is missing, naming the per-rank files of another world size if any exist."""
+    base = re.sub(r"\.rank\d+-of-\d+$", "", path)
+    found = sorted(glob.glob(glob.escape(base) + ".rank*-of-*"))
+    found = [f for f in found if re.search(r"\.rank\d+-of-\d+$", f)]
+    if os.path.exists(base) and base != path:
+        found.insert(0, base)
+    if not found:
+        return f"resume checkpoint {path} does not exist."
+    worlds = sorted({int(m.group(1)) for f in found
+                     if (m := re.search(r"-of-(\d+)$", f))} | ({1} if base in found else set()))
+    return (f"resume checkpoint {path} does not exist, but checkpoints of the same run written "
+            f"by another number of processes do: {found}. A checkpoint resumes only with the "
+            f"world size that wrote it: launch {' or '.join(map(str, worlds))} process(es) "
+            f"(e.g. torchrun --nproc-per-node={worlds[-1]}) with resume={base!r}, or start "
+            f"without resume=.")
 
 
 def check_compatible(blob: dict, expect: dict, path) -> None:
