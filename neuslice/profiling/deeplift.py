@@ -1,8 +1,8 @@
 """DeepLIFT (rescale rule) multipliers for every layer in one backward pass.
 
-The model is run once on ``[inputs; baselines]`` stacked along the batch. Every element-wise
-nonlinear module then passes gradients scaled by ``Δout / Δin`` (input minus baseline) instead
-of its local derivative, falling back to the local derivative where ``|Δin| < eps`` — the rescale
+The baseline (one sample: it is the same for every input) and then the inputs are run through
+the model. Every element-wise nonlinear module then passes gradients scaled by ``Δout / Δin``
+(input minus baseline) instead of its local derivative, falling back to the local derivative where ``|Δin| < eps`` — the rescale
 rule of Shrikumar et al. (2017), with the same conventions as captum's ``DeepLift``. The
 gradient of the target logit with respect to any intermediate output is then that output's
 DeepLIFT multiplier, so the contribution of every neuron of every layer comes from a single
@@ -35,22 +35,63 @@ RESCALE_TYPES = (
 )
 
 
-def _rescaled(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` with the rescale rule as its gradient with respect to ``inp``."""
-    half = inp.shape[0] // 2
-    with torch.no_grad():
-        d_in = inp[:half] - inp[half:]
-        d_out = out[:half] - out[half:]
-        # in float32 at least: EPS underflows to 0 in float16, and half-precision ratios overflow
-        wide = torch.promote_types(d_in.dtype, torch.float32)
-        d_in, d_out = d_in.to(wide), d_out.to(wide)
+class _Rule:
+    """Baseline values of every activation call, and the multipliers of the current batch.
+
+    The baseline is the same for every sample, so it is run once per batch as a batch of one
+    (``record``); the inputs then run alone (``apply``). Each activation call registers a hook
+    on its autograd node that, while ``active``, replaces the local derivative by the rescale
+    multiplier ``Δout / Δin`` (the local derivative where ``|Δin| < EPS``). With ``active``
+    False the same graph back-propagates plain gradients, so one forward serves both.
+    """
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.active = False
+        self.base: dict = {}
+        self.calls: dict = {}
+        self.inside = 0
+
+    def begin(self, mode: str | None) -> None:
+        self.mode, self.calls, self.inside = mode, {}, 0
+
+    def key(self, owner) -> tuple:
+        i = self.calls.get(owner, 0)
+        self.calls[owner] = i + 1
+        return owner, i
+
+    def before(self, key, x: torch.Tensor):
+        """What ``after`` needs, taken before the call (which may overwrite ``x``)."""
+        if self.mode == "record":
+            return x.detach().clone()
+        base = self.base.get(key)
+        if base is None or base[0].shape[1:] != x.shape[1:]:
+            raise RuntimeError(
+                "DeepLIFT: the model ran a different sequence of activations on the baseline "
+                "than on the inputs (data-dependent control flow is not supported).")
+        wide = torch.promote_types(x.dtype, torch.float32)  # EPS underflows in float16
+        return x.detach().to(wide) - base[0].to(wide)
+
+    def after(self, key, saved: torch.Tensor, out: torch.Tensor) -> None:
+        if self.mode == "record":
+            self.base[key] = (saved, out.detach().clone())
+            return
+        node = out.grad_fn
+        if node is None:
+            return
+        d_in = saved
+        d_out = out.detach().to(d_in.dtype) - self.base[key][1].to(d_in.dtype)
         small = d_in.abs() < EPS
-        ratio = torch.where(small, torch.zeros_like(d_out), d_out / torch.where(small, 1, d_in))
-        ratio = ratio.to(inp.dtype)
-        ratio = torch.cat([ratio, ratio])
-        small = torch.cat([small, small])
-    linear = inp * ratio
-    return torch.where(small, out, linear + (out - linear).detach())
+        ratio = d_out.div_(d_in)  # inf/nan where small: never selected
+        rule = self
+
+        def hook(grad_inputs, grad_outputs):
+            gi, go = grad_inputs[0], grad_outputs[0]
+            if not rule.active or gi is None or go is None:
+                return None
+            return (torch.where(small, gi, (go * ratio).to(gi.dtype)),) + tuple(grad_inputs[1:])
+
+        node.register_hook(hook)
 
 
 _RESCALE_FUNCTIONS = frozenset(ACT_FUNCTIONS) | frozenset(
@@ -60,50 +101,64 @@ _INPLACE_FUNCTIONS = frozenset([torch.relu_] + [
 
 
 class _RescaleFunctions(TorchFunctionMode):
-    """Applies the rescale rule to functional element-wise activations."""
+    """Applies the rescale rule to functional element-wise activations (outside modules that
+    already get it)."""
+
+    def __init__(self, rule: _Rule) -> None:
+        super().__init__()
+        self.rule = rule
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _RESCALE_FUNCTIONS or not args or not torch.is_tensor(args[0]) \
-                or args[0].dim() == 0 or args[0].shape[0] % 2:
+        rule = self.rule
+        if func not in _RESCALE_FUNCTIONS or rule.mode is None or rule.inside or not args \
+                or not torch.is_tensor(args[0]) or args[0].dim() == 0:
             return func(*args, **kwargs)
-        inp = args[0]
-        inplace = func in _INPLACE_FUNCTIONS or bool(kwargs.get("inplace", False)) or \
-            any(a is True for a in args[1:])
-        saved = inp.clone() if inplace else inp
+        key = rule.key("functional")
+        saved = rule.before(key, args[0])
         out = func(*args, **kwargs)
-        if not torch.is_tensor(out) or out.shape != saved.shape:
-            return out
-        return _rescaled(saved, out)
+        if torch.is_tensor(out) and out.shape == args[0].shape:
+            rule.after(key, saved, out)
+        return out
 
 
 @contextmanager
-def rescale_rule(model: nn.Module) -> Iterator[None]:
-    """Within the block, nonlinear modules of ``model`` back-propagate DeepLIFT multipliers.
+def rescale_rule(model: nn.Module) -> Iterator[_Rule]:
+    """Within the block, nonlinear modules of ``model`` can back-propagate DeepLIFT multipliers.
 
-    Forward batches must be ``[inputs; baselines]`` of equal halves. Values are unchanged.
+    Yields the rule: ``rule.begin("record")`` then a forward on one baseline sample,
+    ``rule.begin("apply")`` then the forward on the inputs; a backward with ``rule.active``
+    True gives DeepLIFT multipliers, with it False plain gradients. Values are unchanged.
+    Enter it before any hook that replaces module outputs.
     """
+    rule = _Rule()
     handles = []
-    saved: dict[int, torch.Tensor] = {}
+    pending: dict[int, list] = {}
 
     def pre(module, args):
-        x = args[0]
-        # An in-place module overwrites its input: keep the original.
-        saved[id(module)] = x.clone() if getattr(module, "inplace", False) else x
+        if rule.mode is None:
+            return
+        key = rule.key(id(module))
+        pending.setdefault(id(module), []).append((key, rule.before(key, args[0])))
+        rule.inside += 1
 
     def post(module, args, output):
-        inp = saved.pop(id(module))
-        if inp.shape != output.shape or inp.shape[0] % 2:
+        if rule.mode is None:
             return output
-        return _rescaled(inp, output)
+        rule.inside -= 1
+        key, saved = pending[id(module)].pop()
+        if torch.is_tensor(output) and output.shape[1:] == saved.shape[1:]:
+            rule.after(key, saved, output)
+        return output
 
     try:
         for m in model.modules():
             if isinstance(m, RESCALE_TYPES):
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post))
-        with _RescaleFunctions():
-            yield
+        with _RescaleFunctions(rule):
+            yield rule
     finally:
+        rule.begin(None)
         for h in handles:
             h.remove()

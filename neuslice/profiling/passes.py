@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +85,14 @@ def probe_positions(model, layers, x: torch.Tensor, autocast=None):
     return {n: int(v.shape[2]) for n, v in values.items()}, dtype
 
 
-def forward_pass(model, layers, states, x, y, cfg) -> None:
-    """Plain forward (and backward for Taylor): moments, HSIC and Taylor statistics."""
-    want_grad = "taylor" in cfg.metrics or "taylor_act" in cfg.metrics
+def forward_pass(model, layers, states, x, y, cfg) -> float:
+    """One forward on the batch for every metric: moments and HSIC statistics from it, then one
+    backward for Taylor and one, through the same graph with the rescale rule switched on, for
+    DeepLIFT (its baseline is one extra forward of a single sample). Returns the seconds spent
+    on DeepLIFT's own work (baseline and backward)."""
+    want_taylor = "taylor" in cfg.metrics or "taylor_act" in cfg.metrics
+    want_dl = "deeplift" in cfg.metrics
+    want_grad = want_taylor or want_dl
     kept: dict[str, dict[str, torch.Tensor]] = {l.name: {} for l in layers}
     points = []
 
@@ -97,16 +103,32 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
         return cb
 
     for l in layers:
-        if want_grad:
+        if want_taylor:
             points.append((l.module, None, keep(l, "z")))
             if l.norm_module is not None:
                 points.append((l.norm_module, None, keep(l, "u")))
         points.append((l.hook_module, l.call_index, keep(l, "h")))
-    with torch.set_grad_enabled(want_grad), hooks_at(model, points):
+    t_dl = 0.0
+    with contextlib.ExitStack() as stack:
+        rule = stack.enter_context(rescale_rule(model)) if want_dl else None  # before hooks_at
+        stack.enter_context(torch.set_grad_enabled(want_grad))
+        stack.enter_context(hooks_at(model, points))
+        if want_dl:
+            t0 = time.perf_counter()
+            rule.begin("record")
+            with torch.no_grad(), autocast_ctx(x.device, cfg.autocast):
+                model(torch.zeros_like(x[:1]))
+            base = {l.name: kept[l.name].pop("h", None) for l in layers}
+            for k in kept.values():
+                k.clear()
+            rule.begin("apply")
+            t_dl += time.perf_counter() - t0
         if want_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         with autocast_ctx(x.device, cfg.autocast):
             logits = model(x)
+        if rule is not None:
+            rule.begin(None)
     for l in layers:
         st = states[l.name]
         h = kept[l.name].get("h")
@@ -118,16 +140,26 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
         st.moments.update(a.mean(dim=2), y)
         if cfg.hsic:
             st.update_hsic(a, y)
-    if not want_grad:
-        return
+    if want_taylor:
+        _taylor(layers, states, kept, logits, y, cfg, retain=want_dl)
+    if want_dl:
+        t0 = time.perf_counter()
+        _deeplift(layers, states, kept, base, logits, y, cfg, rule)
+        t_dl += time.perf_counter() - t0
+    return t_dl
+
+
+def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
     check_logits(logits, cfg.num_classes, "Taylor")
     loss = F.cross_entropy(logits.to(accumulation_dtype(logits)), y, reduction="sum")
     targets, owners = [], []
     for l in layers:
         for key, t in kept[l.name].items():
+            if key == "h" and "taylor_act" not in cfg.metrics:
+                continue
             targets.append(t)
             owners.append((l, key))
-    grads = torch.autograd.grad(loss, targets, allow_unused=True)
+    grads = torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=retain)
     per = {}
     for (l, key), t, g in zip(owners, targets, grads):
         g = torch.zeros_like(t) if g is None else g
@@ -148,32 +180,24 @@ def forward_pass(model, layers, states, x, y, cfg) -> None:
             st.sums["taylor_act"].index_add_(0, y, per[(l.name, "h")].abs())
 
 
-def deeplift_pass(model, layers, states, x, y, cfg) -> None:
-    """Forward on [inputs; zero baselines] with the rescale rule; one backward for all layers."""
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(layer):
-        def cb(out):
-            kept[layer.name] = out
-            return out.clone()
-        return cb
-
-    points = [(l.hook_module, l.call_index, keep(l)) for l in layers]
-    both = torch.cat([x, torch.zeros_like(x)]).detach()
-    if both.is_floating_point():
-        both.requires_grad_(True)
-    with torch.enable_grad(), rescale_rule(model), hooks_at(model, points):
-        with autocast_ctx(x.device, cfg.autocast):
-            logits = model(both)
+def _deeplift(layers, states, kept, base, logits, y, cfg, rule) -> None:
+    """Contributions (h - h0) · m summed over positions, m from a backward with the rescale
+    rule on (h0: the layer's output on the baseline)."""
     check_logits(logits, cfg.num_classes, "DeepLIFT")
-    half = x.shape[0]
-    target = logits[:half].gather(1, y.view(-1, 1)).to(accumulation_dtype(logits)).sum()
-    hs = [kept[l.name] for l in layers]
-    grads = torch.autograd.grad(target, hs, allow_unused=True)
+    target = logits.gather(1, y.view(-1, 1)).to(accumulation_dtype(logits)).sum()
+    hs = [kept[l.name]["h"] for l in layers]
+    rule.active = True
+    try:
+        grads = torch.autograd.grad(target, hs, allow_unused=True)
+    finally:
+        rule.active = False
     for l, h, g in zip(layers, hs, grads):
         g = torch.zeros_like(h) if g is None else g
+        h0 = base[l.name]
+        if h0 is None:
+            raise RuntimeError(f"layer {l.name!r} was not executed on the DeepLIFT baseline.")
         wd = accumulation_dtype(h)
-        h = l.neuron_view(h.detach()).to(wd)
-        contrib = ((h[:half] - h[half:]) * l.neuron_view(g)[:half].to(wd)).sum(2).to(ACC)
+        diff = l.neuron_view(h.detach()).to(wd) - l.neuron_view(h0).to(wd)
+        contrib = (diff * l.neuron_view(g).to(wd)).sum(2).to(ACC)
         check_finite(l, contrib, "DeepLIFT contributions")
         states[l.name].sums["deeplift"].index_add_(0, y, contrib)

@@ -39,7 +39,7 @@ from ..runtime.memory import GiB
 from .config import PassConfig, ProfileConfig
 from .layer_state import LayerState
 from .pass_state import PassState, resume_blob
-from .passes import deeplift_pass, forward_pass, probe_positions, split_batch
+from .passes import forward_pass, probe_positions, split_batch
 from .planning import budget_error, check_ranks_agree, collect, layer_shapes, plan_memory
 from .result import Profile
 from .scores import ALL_METRICS, METRICS
@@ -165,14 +165,11 @@ def _consume(p: _Pass, checkpoint, checkpoint_every: int) -> None:
                 if not p.synced:
                     run.finish_categories(int(y[0]))
             t0 = time.perf_counter()
-            forward_pass(p.model, p.sliced, run.states, x, y, cfg)
-            t1 = time.perf_counter()
-            if "deeplift" in cfg.metrics:
-                deeplift_pass(p.model, p.sliced, run.states, x, y, cfg)
+            t_dl = forward_pass(p.model, p.sliced, run.states, x, y, cfg)  # DeepLIFT included
             if grouped:
                 run.check_open(cfg.max_memory_gb, p.plan)
-            p.timings["forward"] += t1 - t0
-            p.timings["deeplift"] += time.perf_counter() - t1
+            p.timings["forward"] += time.perf_counter() - t0 - t_dl
+            p.timings["deeplift"] += t_dl
         run.batches = i + 1
         run.digest = digest
         if p.synced:
