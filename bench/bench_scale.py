@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, save_rows  # noqa: E402
 
 import neuslice  # noqa: E402
-from neuslice import zoo  # noqa: E402
+from neuslice.experiments import zoo  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -58,7 +58,7 @@ def run_one(cfg: dict) -> dict:
     """One configuration, in this process."""
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
-    model = zoo.build(cfg["model"], cfg["classes"], source="neuslice").to(device).eval()
+    model = zoo.build(cfg["model"], cfg["classes"]).to(device).eval()
     opts = dict(category_order="grouped", cka_batch=cfg["cka_batch"], progress=False,
                 max_memory_gb=cfg["budget"])
     if device.type == "cuda":
@@ -137,7 +137,7 @@ def main() -> None:
                   f"x{b['peak_host_gib'] / a['peak_host_gib']:.2f}")
     print("\n# up-front memory bound, full scale (224x224, 1000 classes, batch 64, grouped):")
     for model in args.models:
-        m = zoo.build(model, 1000, source="neuslice").eval()
+        m = zoo.build(model, 1000).eval()
         for cka_batch in (128, 32):
             est = neuslice.estimate_profile_memory(m, torch.zeros(1, 3, 224, 224), 1000,
                                                    category_order="grouped", batch_size=64,

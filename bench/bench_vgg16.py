@@ -21,7 +21,7 @@ import time
 import torch
 
 import neuslice
-from neuslice.experiments.models import VGG16
+from neuslice.experiments.zoo import cifar_vgg16
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import environment, save_rows  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     per_class = args.per_class or (1000 if args.device == "cuda" else 100)
     torch.manual_seed(0)
-    model = VGG16().to(args.device).eval()
+    model = cifar_vgg16().to(args.device).eval()
     n = 10 * per_class
     x = torch.randn(n, 3, 32, 32)
     y = torch.arange(10).repeat_interleave(per_class)

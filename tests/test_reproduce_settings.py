@@ -1,21 +1,20 @@
 """The CIFAR-10 reproduction settings (``vgg16-cifar10``, ``resnet18-cifar10``): a clear, early
 error without torchvision, without a data folder or without the files; and both settings end to
-end on a stand-in torchvision whose CIFAR10 holds a few random 32x32 images per class (1 seed,
-1 epoch, the cheapest options the configs allow). The real runs want the real files and a GPU
-(docs/REPRODUCTION.md)."""
+end on torchvision's models with a stand-in ``torchvision.datasets.CIFAR10`` that holds a few
+random 32x32 images per class (1 seed, 1 epoch, the cheapest options the configs allow). The
+real runs want the real files and a GPU (docs/REPRODUCTION.md)."""
 
 from __future__ import annotations
 
 import os
 import sys
-import types
 
 import pytest
 import torch
+import torchvision
 from torch.utils.data import Dataset
 
 from neuslice.experiments import data as nsdata
-from neuslice.experiments import zoo
 from neuslice.experiments.cli import main
 
 PER_CLASS = {True: 10, False: 4}  # train / test images per class
@@ -47,20 +46,9 @@ class _FakeCIFAR10(Dataset):
 
 
 @pytest.fixture
-def fake_torchvision(monkeypatch):
-    tv = types.ModuleType("torchvision")
-    datasets = types.ModuleType("torchvision.datasets")
-    transforms = types.ModuleType("torchvision.transforms")
-    datasets.CIFAR10 = _FakeCIFAR10
-    for fn in ("Compose", "ToTensor", "Normalize", "Resize", "CenterCrop"):
-        setattr(transforms, fn, lambda *a, **k: None)
-    tv.datasets, tv.transforms = datasets, transforms
-    # zoo.build(source="auto") takes torchvision's builder when torchvision imports
-    tv.models = types.SimpleNamespace(
-        resnet18=lambda weights=None, num_classes=1000: zoo.resnet18(num_classes))
-    for name, mod in (("torchvision", tv), ("torchvision.datasets", datasets),
-                      ("torchvision.transforms", transforms)):
-        monkeypatch.setitem(sys.modules, name, mod)
+def fake_cifar10(monkeypatch):
+    """torchvision's own datasets module, with a CIFAR10 that holds a few random images."""
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCIFAR10)
     nsdata._disk_tensors.cache_clear()
     _FakeCIFAR10.calls = []
     yield _FakeCIFAR10
@@ -88,18 +76,19 @@ def _no_run(*a, **k):
 # ------------------------------------------------------------------------ errors, early
 @pytest.mark.parametrize("rq, module", [("rq2", "reproduce"), ("rq3", "reproduce_rq3"),
                                         ("rq4", "reproduce_rq4")])
-def test_no_data_root(rq, module, fake_torchvision, monkeypatch, capsys):
+def test_no_data_root(rq, module, fake_cifar10, monkeypatch, capsys):
     import importlib
 
     monkeypatch.delenv("NEUSLICE_DATA", raising=False)
-    monkeypatch.setattr(importlib.import_module(f"neuslice.{module}"), f"run_{rq}", _no_run)
+    monkeypatch.setattr(importlib.import_module(f"neuslice.experiments.{module}"), f"run_{rq}",
+                        _no_run)
     assert main(["reproduce", rq, "--setting", "vgg16-cifar10", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--data-root" in err and "NEUSLICE_DATA" in err and "cifar-10-batches-py" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_missing_files(fake_torchvision, tmp_path, monkeypatch, capsys):
+def test_missing_files(fake_cifar10, tmp_path, monkeypatch, capsys):
     import neuslice.experiments.reproduce_rq4 as rq4
 
     monkeypatch.setattr(rq4, "run_rq4", _no_run)
@@ -154,7 +143,7 @@ def test_settings_tables():
 
 
 # --------------------------------------------------------------------- end to end, fake data
-def test_rq2_vgg16_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
+def test_rq2_vgg16_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce import RQ2Config, format_rq2, run_rq2
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
@@ -169,10 +158,10 @@ def test_rq2_vgg16_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, 
             assert r.cr[0] > 0  # restructuring removed VGG16 channels before pruning
     assert "NeuSemSlice+Unif" in format_rq2(rows, "vgg16-cifar10")
     (cached,) = (tmp_path / "cache").glob("vgg16-cifar10-seed0-ep1-*.pt")
-    assert {train for _, train in fake_torchvision.calls} == {True, False}
+    assert {train for _, train in fake_cifar10.calls} == {True, False}
 
 
-def test_rq4_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
+def test_rq4_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
 
     monkeypatch.setenv("NEUSLICE_DATA", str(cifar_root))  # the root from the environment
@@ -191,8 +180,7 @@ def test_rq4_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatc
     assert "resnet18-cifar10" in text and "paper" not in text
 
 
-def test_rq3_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatch, one_thread):
-    pytest.importorskip("torchattacks")
+def test_rq3_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
@@ -207,7 +195,7 @@ def test_rq3_resnet18_cifar10(fake_torchvision, cifar_root, tmp_path, monkeypatc
     assert "resnet18-cifar10" in format_rq3(rows, "resnet18-cifar10")
 
 
-def test_cli_passes_data_root_and_device(fake_torchvision, cifar_root, monkeypatch, capsys):
+def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, monkeypatch, capsys):
     import neuslice.experiments.reproduce_rq3 as rq3
 
     seen = {}

@@ -1,6 +1,7 @@
-"""Reference models: the paper's MLP and a small BatchNorm CNN.
+"""Reference models: the paper's MLP and a small BatchNorm CNN (and, in :data:`MODELS`, the
+CIFAR VGG-16 of :mod:`neuslice.experiments.zoo`).
 
-Both are :class:`torch.nn.Sequential` subclasses with named submodules, so
+MLP and SmallCNN are :class:`torch.nn.Sequential` subclasses with named submodules, so
 layers can be addressed by name (``model.fc1``, ``model.conv2``) and appear as
 such in ``named_modules()``. Each stores its constructor arguments in
 ``model.config`` so it can be rebuilt (and cache-keyed) from them.
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
+from .zoo import cifar_vgg16
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MLP", "SmallCNN", "VGG16", "MODELS", "build_model"]
+__all__ = ["MLP", "SmallCNN", "MODELS", "build_model"]
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -106,37 +109,10 @@ class SmallCNN(nn.Sequential):
         }
 
 
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-class VGG16(nn.Sequential):
-    """VGG-16 with BatchNorm for 32x32 inputs (the CIFAR variant: 13 convs, 512-512 head).
-
-    Layers are named ``conv1`` .. ``conv13`` (each followed by ``bn*`` and ``relu*``),
-    ``pool1`` .. ``pool5``, then ``flatten``, ``fc1``, ``relu_fc1``, ``head``.
-    """
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
-        in_channels = _positive_int(in_channels, "in_channels")
-        num_classes = _positive_int(num_classes, "num_classes")
-        layers: list[tuple[str, nn.Module]] = []
-        c, conv, pool = in_channels, 0, 0
-        for v in _VGG16:
-            if v == "M":
-                pool += 1
-                layers.append((f"pool{pool}", nn.MaxPool2d(2)))
-                continue
-            conv += 1
-            layers += [(f"conv{conv}", nn.Conv2d(c, v, 3, padding=1)),
-                       (f"bn{conv}", nn.BatchNorm2d(v)), (f"relu{conv}", nn.ReLU(inplace=True))]
-            c = v
-        layers += [("flatten", nn.Flatten()), ("fc1", nn.Linear(512, 512)),
-                   ("relu_fc1", nn.ReLU(inplace=True)), ("head", nn.Linear(512, num_classes))]
-        super().__init__(OrderedDict(layers))
-        self.config: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes}
-
-
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "vgg16": VGG16}
+#: name -> constructor. ``"vgg16"`` is :func:`neuslice.experiments.zoo.cifar_vgg16`
+#: (torchvision's VGG-16 with batch norm and a 512-512 head for 32x32 inputs; needs torchvision).
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN,
+                                              "vgg16": cifar_vgg16}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -9,7 +9,7 @@ paper's MLP-MNIST numbers beside ours. (The paper's MNIST is the full 60k set; o
 
 Settings (:data:`SETTINGS`, shared with RQ3): the bundled-data ones (``mlp-mnist``,
 ``mlp-digits``, ``cnn-mnist``) and two on real CIFAR-10 files the user provides
-(``vgg16-cifar10``: :class:`neuslice.experiments.models.VGG16`; ``resnet18-cifar10``:
+(``vgg16-cifar10``: :func:`neuslice.experiments.zoo.cifar_vgg16`; ``resnet18-cifar10``:
 ``neuslice.experiments.zoo.build("resnet18", 10)``, the torchvision/ImageNet layout). Those read
 ``cifar-10-batches-py`` under ``data_root`` (``--data-root``) or ``$NEUSLICE_DATA`` through
 torchvision, never download, and are meant for a GPU (``device``, default CUDA when there).
