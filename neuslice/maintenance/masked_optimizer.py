@@ -173,6 +173,11 @@ def trainable_fraction(model: nn.Module, slice: Slice, train: str = "critical",
 class _Entry:
     param: nn.Parameter
     idx: torch.Tensor | None  # frozen rows along dim 0; None = the whole tensor is frozen
+    # The frozen values as last restored, valid while the tensor's version counter says nobody
+    # wrote to it since (forward/backward never do), so most steps need no snapshot.
+    saved: torch.Tensor | None = None
+    saved_version: int = -1
+    state_saved: dict | None = None  # key -> (state tensor, its version, frozen rows)
 
 
 class MaskedOptimizer:
@@ -264,6 +269,27 @@ class MaskedOptimizer:
             e.idx = e.idx.to(e.param.device)
         return e.idx
 
+    def _snapshot(self, e: _Entry) -> None:
+        """Frozen values of ``e`` (and of its optimizer state) as they are before the step,
+        copied only when something other than this wrapper wrote to them since the last one."""
+        p = e.param
+        if e.saved is None or e.saved_version != p._version or e.saved.device != p.device:
+            e.saved = p.detach().clone() if e.idx is None else \
+                p.detach().index_select(0, self._idx(e))
+            e.saved_version = p._version
+        if e.idx is None:
+            return
+        idx = self._idx(e)
+        old = e.state_saved or {}
+        state = {}
+        for k, v in self.optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                c = old.get(k)
+                if c is None or c[0] is not v or c[1] != v._version:
+                    c = (v, v._version, v.index_select(0, idx))
+                state[k] = c
+        e.state_saved = state
+
     def _mask_grads(self) -> None:
         with torch.no_grad():
             for e in self._entries:
@@ -288,31 +314,26 @@ class MaskedOptimizer:
                     loss = closure()
                 self._mask_grads()
                 return loss
-        saved = []
+        with torch.no_grad():
+            for e in self._entries:
+                self._snapshot(e)
+        loss = self.optimizer.step() if wrapped is None else self.optimizer.step(wrapped)
         with torch.no_grad():
             for e in self._entries:
                 p = e.param
                 if e.idx is None:
-                    saved.append((p.detach().clone(), None))
+                    if p._version != e.saved_version:  # untouched (no grad): nothing to undo
+                        p.detach().copy_(e.saved)
+                        e.saved_version = p._version
                     continue
-                idx = self._idx(e)
-                state = {k: v.index_select(0, idx)
-                         for k, v in self.optimizer.state.get(p, {}).items()
-                         if isinstance(v, torch.Tensor) and v.shape == p.shape}
-                saved.append((p.detach().index_select(0, idx), state))
-        loss = self.optimizer.step() if wrapped is None else self.optimizer.step(wrapped)
-        with torch.no_grad():
-            for e, (values, state) in zip(self._entries, saved):
-                p = e.param
-                if e.idx is None:
-                    p.detach().copy_(values)
-                    continue
-                p.detach().index_copy_(0, e.idx, values)
+                p.detach().index_copy_(0, e.idx, e.saved)
+                e.saved_version = p._version
                 current = self.optimizer.state.get(p, {})
-                for k, v in state.items():
+                for k, (old, _, rows) in e.state_saved.items():
                     t = current.get(k)
                     if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                        t.index_copy_(0, e.idx, v)
+                        t.index_copy_(0, e.idx, rows)
+                        e.state_saved[k] = (t, t._version, rows)
             for m, idx, mean, var in self._norm_saved:
                 if m.running_mean is not None:
                     m.running_mean.index_copy_(0, idx.to(m.running_mean.device), mean.to(
