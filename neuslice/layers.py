@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import operator
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 from torch import fx, nn
 import torch.nn.functional as F
+
+from ._utils.wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ _PASS_FUNCTIONS = set(ACT_FUNCTIONS) | _DROPOUT_FUNCTIONS | {
 }
 _PASS_METHODS = set(ACT_METHODS) | {"flatten", "view", "reshape", "contiguous"}
 _IGNORED_USERS_METHODS = {"size", "dim"}
+# Reductions that keep the neuron axis when they reduce only other axes (global pooling).
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_RESHAPES = {"flatten", "view", "reshape", torch.flatten, nn.Flatten}
 
 
 @dataclass
@@ -67,7 +74,9 @@ class SlicedLayer:
 
     ``hook_module`` is the module whose forward output (on its ``call_index``-th call within one
     forward, or every call when ``None``) is the neuron output once ``post_ops`` (functional
-    activations, all mapping 0 to 0) are applied. ``norm`` is the BatchNorm right after the layer,
+    activations) are applied. ``mask_fill`` is the value a masked neuron takes at the hook point
+    so that its output after ``post_ops`` is 0: 0 when they all map 0 to 0, ``-inf`` after e.g.
+    ``torch.sigmoid`` / ``F.softplus`` (which map -inf, not 0, to 0). ``norm`` is the BatchNorm right after the layer,
     if any (its scale/shift belong to the neuron's parameters).
     """
 
@@ -87,6 +96,7 @@ class SlicedLayer:
     consumers: list[tuple[str, int]] = field(default_factory=list)
     pass_params_per_neuron: int = 0  # per-channel norms/PReLUs between layer and consumers
     coupled: bool = False  # output reaches a join (residual add, concat, model output)
+    mask_fill: float = 0.0  # hook-point value of a masked neuron (post_ops map it to 0)
 
     @property
     def kind(self) -> str:
@@ -111,7 +121,9 @@ class SlicedLayer:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Architecture fingerprint: hash of parameter/buffer names, shapes and module types."""
+    """Architecture fingerprint: hash of parameter/buffer names, shapes and module types
+    (of the module inside a ``torch.compile`` / DataParallel wrapper)."""
+    model = unwrap_model(model)
     h = hashlib.sha256(type(model).__name__.encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)};".encode())
@@ -137,6 +149,18 @@ def _fixes_zero(fn: Callable) -> bool:
         return bool(fn(torch.zeros(4)).eq(0).all())
 
 
+def _zero_fill(ops: list[Callable]) -> float | None:
+    """A value that ``ops`` (applied in turn) map to exactly 0: 0, -inf or +inf; else None."""
+    for v in (0.0, float("-inf"), float("inf")):
+        t = torch.full((4,), v)
+        with torch.no_grad():
+            for op in ops:
+                t = op(t)
+        if bool(t.eq(0).all()):
+            return v
+    return None
+
+
 def _functional_op(node: fx.Node, src: fx.Node) -> Callable | None:
     """A per-element activation applied to ``src`` alone, as a callable; else None."""
     if not node.args or node.args[0] is not src:
@@ -153,6 +177,14 @@ def _functional_op(node: fx.Node, src: fx.Node) -> Callable | None:
     if node.op == "call_method" and node.target in ACT_METHODS and len(node.args) == 1:
         return ACT_METHODS[node.target]
     return None
+
+
+def _zero_fill_ok(ops: list[Callable], fill: float) -> bool:
+    t = torch.full((4,), fill)
+    with torch.no_grad():
+        for op in ops:
+            t = op(t)
+    return bool(t.eq(0).all())
 
 
 def _is_dropout_node(node: fx.Node, src: fx.Node) -> bool:
@@ -207,6 +239,7 @@ def _chain(layer: SlicedLayer, node: fx.Node, gm: fx.GraphModule, calls) -> fx.N
             idx, total = calls[u]
             layer.call_index = idx if total > 1 else None
             layer.post_ops = []
+            layer.mask_fill = 0.0
             layer.chain.append(u.target)
             cur = u
             continue
@@ -214,12 +247,50 @@ def _chain(layer: SlicedLayer, node: fx.Node, gm: fx.GraphModule, calls) -> fx.N
             cur = u
             continue
         fn = _functional_op(u, cur)
-        if fn is None or not _fixes_zero(fn):
+        if fn is None:
             break
+        fill = layer.mask_fill if _fixes_zero(fn) else _zero_fill(layer.post_ops + [fn])
+        if fill is None or not _zero_fill_ok(layer.post_ops + [fn], fill):
+            name = getattr(u.target, "__name__", u.target)
+            msg = (f"neuslice: the neurons of layer {layer.name!r} pass through {name} after "
+                   f"{layer.chain or 'the layer'}, and no input value makes that chain output 0; "
+                   f"masking them there is not the same as removing them (the next layer sees "
+                   f"{name}(0), not 0). Use an nn.Module activation or apply {name} before the "
+                   f"others to make masking exact.")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            break
+        layer.mask_fill = fill
         layer.post_ops.append(fn)
         layer.chain.append(str(getattr(u.target, "__name__", u.target)))
         cur = u
     return cur
+
+
+def _per_neuron_reduction(u: fx.Node, src: fx.Node, rank: int | None) -> int | None | bool:
+    """If ``u`` reduces ``src`` (still in the layer's own layout: neurons on axis 1 of a conv
+    output of ``rank`` axes, on the last axis of a linear one, ``rank=None``) over non-neuron
+    axes only -- ``x.mean((2, 3))``, ``torch.amax(x, dim=(-2, -1))``, ... -- the rank of its
+    result; else False."""
+    is_reduce = (u.op == "call_method" and u.target in _REDUCE_METHODS) or (
+        u.op == "call_function" and u.target in _REDUCE_FUNCTIONS)
+    if not is_reduce or not u.args or u.args[0] is not src:
+        return False
+    dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
+        return False
+    others = [a for a in list(u.args[2:]) + list(u.kwargs.values()) if isinstance(a, fx.Node)]
+    if others:
+        return False
+    keep = u.kwargs.get("keepdim", u.args[2] if len(u.args) > 2 else False) is True
+    if rank is None:  # (..., d): any axis but the last, counted from the end
+        return None if all(v < -1 for v in dims) else False
+    axes = {v % rank for v in dims if -rank <= v < rank}
+    if len(axes) != len(dims) or min(axes) < 2:  # (N, C, ...): never N or C
+        return False
+    return rank if keep else rank - len(axes)
 
 
 def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
@@ -227,9 +298,18 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
     mods = dict(gm.named_modules())
     d = layer.num_neurons
     frontier, seen = [end], set()
+    # nodes whose value still has the neurons on their own axis -> its rank (None: linear)
+    own_layout = {end: 4 if layer.kind == "conv" else None}
     while frontier:
         n = frontier.pop()
         for u in _value_users(n):
+            rank = _per_neuron_reduction(u, n, own_layout[n]) if n in own_layout else False
+            if rank is not False:
+                if u not in seen:
+                    seen.add(u)
+                    frontier.append(u)
+                    own_layout[u] = rank
+                continue
             if u in seen:
                 continue
             seen.add(u)
@@ -238,7 +318,9 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
                 if isinstance(m, nn.Linear) and m.in_features % d == 0:
                     layer.consumers.append((u.target, m.in_features // d))
                     continue
-                if isinstance(m, nn.Conv2d) and m.in_channels == d and m.groups == 1:
+                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.in_channels == d and \
+                        m.groups == 1:
+                    # weight entries per removed input channel and per output channel
                     layer.consumers.append((u.target, m.weight[0, 0].numel()))
                     continue
                 if isinstance(m, _PASS_MODULES) and not isinstance(m, SLICEABLE_TYPES):
@@ -247,11 +329,15 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
                     if isinstance(m, nn.PReLU) and m.num_parameters == d:
                         layer.pass_params_per_neuron += 1
                     frontier.append(u)
+                    if n in own_layout and not isinstance(m, nn.Flatten):
+                        own_layout[u] = own_layout[n]
                     continue
             elif (u.op == "call_function" and u.target in _PASS_FUNCTIONS) or (
                     u.op == "call_method" and u.target in _PASS_METHODS):
                 if u.args and u.args[0] is n:
                     frontier.append(u)
+                    if n in own_layout and u.target not in _RESHAPES:
+                        own_layout[u] = own_layout[n]
                     continue
             layer.coupled = True
             layer.consumers, layer.pass_params_per_neuron = [], 0
@@ -270,6 +356,7 @@ def find_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[S
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)  # torch.compile / DataParallel: the module inside
     # Module identities too: a submodule swapped for one of the same type and shape keeps the
     # fingerprint, but hooks must go on the new object. (Cached entries hold the old modules,
     # so their ids cannot be reused while cached.)
@@ -331,6 +418,10 @@ def _find_layers(model: nn.Module, layers: Sequence[str] | None) -> list[SlicedL
         else:
             end = _chain(layer, layer_nodes[0], gm, calls)
             _consumers(layer, end, gm)
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and \
+                    not m.groups == m.in_channels == m.out_channels:
+                layer.coupled = True  # a grouped conv's channels cannot be removed one by one
+                layer.consumers, layer.pass_params_per_neuron = [], 0
             for n in layer.chain:
                 mod = named.get(n)
                 if isinstance(mod, _NORM_TYPES) and mod.affine:

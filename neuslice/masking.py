@@ -5,9 +5,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ._utils.hooks import hooks_at
+from ._utils.in_use import exclusive
+from ._utils.wrappers import eager_forward, unwrap_model
 from .slicing import Slice
 
 __all__ = ["masked"]
@@ -20,6 +23,10 @@ def masked(model: nn.Module, slice: Slice, category: int | None = None) -> Itera
     Neurons are zeroed where the next layer reads them (after BatchNorm/activation), so the
     result equals removing them. ``category`` applies that category's own mask instead of the
     union. The model's weights are never touched; hooks are removed on exit, even on error.
+
+    A ``torch.compile`` wrapper runs its module eagerly inside the block (compiled code does not
+    see the hooks that apply the mask); (Distributed)DataParallel wrappers are seen through.
+    Another thread that profiles or masks the same model meanwhile gets a ``RuntimeError``.
     """
     if not isinstance(slice, Slice):
         raise TypeError(f"expected a neuslice.Slice, got {type(slice).__name__}")
@@ -36,9 +43,14 @@ def masked(model: nn.Module, slice: Slice, category: int | None = None) -> Itera
         mask = slice.masks[l.name] if category is None else slice.category_masks[l.name][category]
 
         def zero(out, _l=l, _mask=mask):
+            if _l.mask_fill != 0:  # e.g. before torch.sigmoid: sigmoid(-inf) = 0
+                m = _mask.to(device=out.device, dtype=torch.bool).view(_l.mask_shape(out))
+                return torch.where(m, out, torch.full((), _l.mask_fill, dtype=out.dtype,
+                                                      device=out.device))
             m = _mask.to(device=out.device, dtype=out.dtype).view(_l.mask_shape(out))
             return out * m
 
         points.append((l.hook_module, l.call_index, zero))
-    with hooks_at(model, points):
+    with exclusive(model, "neuslice.masked"), eager_forward(model), \
+            hooks_at(unwrap_model(model), points):
         yield model

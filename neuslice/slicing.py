@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import cka
-from ._utils.io import atomic_write
+from ._utils.io import atomic_write, content_digest
+from ._utils.wrappers import unwrap_model
 from .layers import SlicedLayer, find_layers, model_fingerprint
 from .profiling.scores import ranking
 from .profiling.profile import Profile
@@ -29,7 +30,13 @@ def _encode(mask: torch.Tensor) -> str:
     return np.packbits(mask.cpu().numpy().astype(np.uint8)).tobytes().hex()
 
 
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _decode(text: str, size: int) -> torch.Tensor:
+    if not isinstance(text, str):
+        raise TypeError(f"a mask must be a hex string, got {type(text).__name__}")
     if len(text) != 2 * ((size + 7) // 8):
         raise ValueError(f"a mask of {size} neurons needs {2 * ((size + 7) // 8)} hex digits, "
                          f"got {len(text)}")
@@ -74,6 +81,7 @@ class Slice:
     # ---- fitting a model -----------------------------------------------------------------
     def layers_of(self, model: nn.Module) -> list[SlicedLayer]:
         """The model's sliced layers; ``ValueError`` if this slice does not belong to it."""
+        model = unwrap_model(model)
         fp = model_fingerprint(model)
         if fp != self.fingerprint:
             raise ValueError(
@@ -95,6 +103,7 @@ class Slice:
         weights that consume it in the next layers. Neurons whose outputs reach a join (a
         residual add, a concatenation) are coupled to other layers and are not counted here.
         """
+        model = unwrap_model(model)
         layers = self.layers_of(model)
         modules = dict(model.named_modules())
         kept_rows = {l.name: int(self.masks[l.name].sum()) for l in layers if not l.coupled}
@@ -106,7 +115,9 @@ class Slice:
             removed += r * (l.own_params_per_neuron + l.pass_params_per_neuron)
             for consumer, width in l.consumers:
                 m = modules[consumer]
-                rows = kept_rows.get(consumer, m.weight.shape[0])
+                out_units = m.out_channels if isinstance(m, nn.ConvTranspose2d) else \
+                    m.weight.shape[0]
+                rows = kept_rows.get(consumer, out_units)
                 removed += r * width * rows
         total = sum(p.numel() for p in model.parameters())
         return removed / total if total else 0.0
@@ -126,37 +137,108 @@ class Slice:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a small JSON file (masks as hex bit strings); atomic."""
+        """Write a small JSON file (masks as hex bit strings, a ``checksum`` of the content);
+        atomic, with the permissions the umask gives a new file."""
         path = os.fspath(path)
-        text = json.dumps(self.to_dict(), indent=1).encode()  # fails before any file is touched
+        d = json.loads(json.dumps(self.to_dict()))  # fails before any file is touched
+        d["checksum"] = content_digest(d)
+        text = json.dumps(d, indent=1).encode()
         atomic_write(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Slice":
-        """Read a slice written by :meth:`save`; a corrupt file raises ``ValueError``."""
+        """Read a slice written by :meth:`save`. Every field is checked (and the checksum, which
+        files of neuslice 0.1 lack); an edited, corrupt or truncated file raises ``ValueError``
+        naming the file and the field."""
         try:
             with open(path) as f:
                 d = json.load(f)
-            if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-                raise ValueError(f"format {d.get('format')!r} version {d.get('version')!r}")
-            sizes = d["sizes"]
-            masks = {k: _decode(v, sizes[k]) for k, v in d["masks"].items()}
-            cat = None
-            if d["category_masks"] is not None:
-                cat = {k: torch.stack([_decode(r, sizes[k]) for r in rows])
-                       for k, rows in d["category_masks"].items()}
-            for k, v in d["kept"].items():
-                if int(v.split("/")[0]) != int(masks[k].sum()):
-                    raise ValueError(f"mask of layer {k} does not match its recorded count")
-            return cls(masks=masks, strategy=d["strategy"], metric=d["metric"],
-                       fingerprint=d["fingerprint"], input_shape=d["input_shape"],
-                       category_masks=cat, ratio=d["ratio"], threshold=d["threshold"],
-                       notes=d["notes"])
+            return cls._from_file_dict(d)
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise ValueError(f"{path} is not a valid neuslice slice file (corrupt or truncated?): "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"{path} is not a valid neuslice slice file (edited, corrupt or "
+                             f"truncated?): {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_file_dict(cls, d) -> "Slice":
+        if not isinstance(d, dict):
+            raise ValueError(f"the file holds a JSON {type(d).__name__}, not an object")
+        if d.get("format") != _FORMAT or d.get("version") != _VERSION:
+            raise ValueError(f"field 'format'/'version': {d.get('format')!r} version "
+                             f"{d.get('version')!r}, expected {_FORMAT!r} version {_VERSION}")
+        missing = [k for k in ("strategy", "metric", "ratio", "threshold", "fingerprint",
+                               "input_shape", "kept", "sizes", "masks", "category_masks",
+                               "notes") if k not in d]
+        if missing:
+            raise ValueError(f"field(s) {missing} missing")
+        sizes, masks_hex, kept = d["sizes"], d["masks"], d["kept"]
+        for name, v in (("sizes", sizes), ("masks", masks_hex), ("kept", kept)):
+            if not isinstance(v, dict) or not v:
+                raise ValueError(f"field {name!r} must be a non-empty object, got {v!r:.80}")
+        if not all(_pos_int(v) for v in sizes.values()):
+            raise ValueError(f"field 'sizes' must map layers to positive ints, got {sizes!r:.200}")
+        for name, v in (("masks", masks_hex), ("kept", kept)):
+            if set(v) != set(sizes):
+                raise ValueError(f"field {name!r} has layers {sorted(v)} but 'sizes' has "
+                                 f"{sorted(sizes)} (a layer is missing)")
+        masks = {}
+        for k, v in masks_hex.items():
+            try:
+                masks[k] = _decode(v, sizes[k])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"field 'masks', layer {k!r}: {exc}") from exc
+        for k, v in kept.items():
+            parts = v.split("/") if isinstance(v, str) else []
+            if len(parts) != 2 or not parts[0].isdigit() or parts[1] != str(sizes[k]) or \
+                    int(parts[0]) != int(masks[k].sum()):
+                raise ValueError(f"field 'kept', layer {k!r}: {v!r} does not match its mask "
+                                 f"({int(masks[k].sum())}/{sizes[k]})")
+        cat = None
+        if d["category_masks"] is not None:
+            rows_hex = d["category_masks"]
+            if not isinstance(rows_hex, dict) or set(rows_hex) != set(sizes):
+                raise ValueError(f"field 'category_masks' must hold every layer of 'sizes' "
+                                 f"({sorted(sizes)})")
+            cat = {}
+            for k, rows in rows_hex.items():
+                if not isinstance(rows, list) or not rows:
+                    raise ValueError(f"field 'category_masks', layer {k!r}: not a list of rows")
+                try:
+                    cat[k] = torch.stack([_decode(r, sizes[k]) for r in rows])
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"field 'category_masks', layer {k!r}: {exc}") from exc
+                if not torch.equal(cat[k].any(0), masks[k]):
+                    raise ValueError(f"field 'category_masks', layer {k!r}: the union of the "
+                                     f"category masks is not the layer's mask")
+            if len({m.shape[0] for m in cat.values()}) != 1:
+                raise ValueError("field 'category_masks': layers have different numbers of "
+                                 "categories")
+        shape = d["input_shape"]
+        if not isinstance(shape, list) or not all(_pos_int(v) for v in shape):
+            raise ValueError(f"field 'input_shape' must be a list of positive ints, got "
+                             f"{shape!r:.80}")
+        for name in ("strategy", "fingerprint"):
+            if not isinstance(d[name], str) or not d[name]:
+                raise ValueError(f"field {name!r} must be a non-empty string, got {d[name]!r:.80}")
+        if d["metric"] is not None and not isinstance(d["metric"], str):
+            raise ValueError(f"field 'metric' must be a string or null, got {d['metric']!r:.80}")
+        for name in ("ratio", "threshold"):
+            v = d[name]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                                  not math.isfinite(v) or not 0 <= v <= 1):
+                raise ValueError(f"field {name!r} must be null or a number in [0, 1], got {v!r}")
+        notes = d["notes"]
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ValueError("field 'notes' must be a list of strings")
+        # last, so that a damaged field is named; files of neuslice 0.1 carry no checksum
+        if "checksum" in d and d["checksum"] != content_digest(
+                {k: v for k, v in d.items() if k != "checksum"}):
+            raise ValueError("field 'checksum' does not match the content: the file was edited "
+                             "or damaged after it was written")
+        return cls(masks=masks, strategy=d["strategy"], metric=d["metric"],
+                   fingerprint=d["fingerprint"], input_shape=shape, category_masks=cat,
+                   ratio=d["ratio"], threshold=d["threshold"], notes=notes)
 
 
 # ---- strategies ------------------------------------------------------------------------

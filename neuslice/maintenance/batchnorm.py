@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .._utils.hooks import module_modes
+from .._utils.in_use import exclusive
+from .._utils.wrappers import unwrap_model
 from .._utils.progress import progress as progress_bar
 from ..masking import masked
 from ..slicing import Slice
@@ -49,9 +51,11 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
     if num_batches is not None and (isinstance(num_batches, bool) or
                                     not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    model = unwrap_model(model)  # torch.compile / DataParallel: a copy of the module inside
     if slice is not None:
         slice.layers_of(model)  # a slice of another model fails here, before any work
-    out = copy.deepcopy(model)
+    with exclusive(model, "neuslice.recalibrate_batchnorm"):  # no other thread's hooks copied
+        out = copy.deepcopy(model)
     if device is not None:
         out = out.to(device)
     norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .._utils.wrappers import unwrap_model
 from ..layers import SLICEABLE_TYPES, find_layers
 from ..slicing import Slice
 
@@ -60,6 +61,7 @@ def _check_train(train: Any) -> str:
 
 def head_name(model: nn.Module) -> str:
     """Name of the classifier head: the last Linear/Conv2d executed in ``forward``."""
+    model = unwrap_model(model)  # torch.compile / DataParallel: the module inside
     sliceable = [n for n, m in model.named_modules() if isinstance(m, SLICEABLE_TYPES)]
     try:
         body = {l.name for l in find_layers(model)}
@@ -89,6 +91,7 @@ def _plan(model: nn.Module, slice: Slice, train: str,
     if not isinstance(slice, Slice):
         raise TypeError(f"slice must be a neuslice.Slice, got {type(slice).__name__}")
     train = _check_train(train)
+    model = unwrap_model(model)  # same parameters as the wrapper, plain names
     layers = slice.layers_of(model)  # ValueError when the slice was made for another model
     modules = dict(model.named_modules())
     head = head_name(model)
@@ -341,6 +344,26 @@ class MaskedOptimizer:
                     m.running_var.index_copy_(0, idx.to(m.running_var.device), var.to(
                         m.running_var.device))
         return loss
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Clip the gradients of the trainable entries only; returns their total norm.
+
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` also counts the gradients
+        of frozen entries, which :meth:`step` then discards, so the trainable entries are
+        scaled down more than when the same entries are frozen with ``requires_grad``. This
+        zeroes the frozen entries' gradients first (as ``step`` does), then clips the
+        optimizer's parameters: the result equals ``clip_grad_norm_`` on a model whose frozen
+        entries get no gradient. Call it between ``backward()`` and :meth:`step`.
+        """
+        if self._group_signature() != self._signature:
+            self._check_params(p for g in self.optimizer.param_groups for p in g["params"])
+            self._refresh_entries()
+        self._mask_grads()
+        params = list({id(p): p for g in self.optimizer.param_groups for p in g["params"]
+                       if p.grad is not None}.values())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
+                                              error_if_nonfinite=error_if_nonfinite)
 
     # ---- delegation ----------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:

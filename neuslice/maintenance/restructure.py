@@ -29,6 +29,8 @@ from torch import nn
 from ..layers import SlicedLayer
 from ..slicing import Slice
 from .._utils.checks import model_device
+from .._utils.in_use import exclusive
+from .._utils.wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,42 @@ class _Group:
     remove: list[int] = dataclasses.field(default_factory=list)  # root indices
 
 
+def _grouped(m: nn.Module) -> bool:
+    """A grouped (not depthwise) convolution: removing single channels breaks its groups."""
+    groups = getattr(m, "groups", 1)
+    return isinstance(m, nn.modules.conv._ConvNd) and groups > 1 and \
+        not (groups == m.in_channels == m.out_channels)
+
+
+def _pruning_group(dg, module: nn.Module, name: str, idxs: list[int]):
+    """torch-pruning's group of ``module``'s output channels ``idxs``; its errors (raised for
+    modules it does not support, e.g. ``nn.GRU``) become a ``ValueError`` saying what to do."""
+    try:
+        fn = dg.get_pruner_of_module(module).prune_out_channels
+        return dg.get_pruning_group(module, fn, idxs)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"torch-pruning cannot follow the channels of layer {name!r} through the model "
+            f"({type(exc).__name__}: {reason}); this happens when they feed a module it does not "
+            f"support (e.g. nn.GRU/nn.RNN). Leave {name!r} out of the slice (profile with "
+            f"layers=[...] without it) or evaluate the slice with neuslice.masked(model, slice)."
+        ) from exc
+
+
+def _ties(model: nn.Module) -> list[list[str]]:
+    """Names of each parameter that is shared by several modules (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, attr)
+
+
 def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
              modules: dict[str, nn.Module]) -> list[_Group]:
     """Group the sliced layers by coupled output channels and decide what each group removes."""
@@ -103,17 +141,20 @@ def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
             raise ValueError(
                 f"layer {layer.name!r} is not used in the forward pass torch-pruning traced with "
                 f"example_inputs, so it cannot be restructured; use neuslice.masked instead.")
-        fn = dg.get_pruner_of_module(module).prune_out_channels
-        group = dg.get_pruning_group(module, fn, list(range(layer.num_neurons)))
+        group = _pruning_group(dg, module, layer.name, list(range(layer.num_neurons)))
         g = _Group(root=layer.name, size=layer.num_neurons, members={})
         chain_norms = set()
         for item in group.items:
             dep, target = item.dep, item.dep.target
+            tmod = target.module
+            if _grouped(tmod) and g.blocked is None:  # as producer or as consumer
+                g.blocked = (f"it is coupled to grouped convolution "
+                             f"{names.get(id(tmod), '?')!r} (groups={tmod.groups}), whose channels "
+                             f"torch-pruning cannot remove one by one")
             if not dg.is_out_channel_pruning_fn(dep.handler):
                 continue
             if not target.outputs and g.blocked is None:
                 g.blocked = "its channels reach the model's output"
-            tmod = target.module
             if not isinstance(tmod, nn.Module):
                 continue
             if id(tmod) in by_module:
@@ -178,11 +219,15 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
     With ``return_slice=True`` the slice actually applied is returned too: masking ``model``
     with it gives the restructured model's outputs (in eval mode, to float rounding).
 
+    A ``torch.compile`` or (Distributed)DataParallel wrapper is seen through: the result is the
+    restructured plain module (compile or wrap it again if you want).
+
     Raises ``ValueError`` when the slice does not belong to ``model`` or torch-pruning cannot
     trace or prune it (use :func:`neuslice.masked` then), ``ImportError`` without torch-pruning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     if not isinstance(slice, Slice):
         raise TypeError(f"expected a neuslice.Slice, got {type(slice).__name__}")
     layers = slice.layers_of(model)  # ValueError if the slice does not fit
@@ -190,10 +235,15 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
     inputs = _example_inputs(slice, example_inputs, model)
     masks = {l.name: slice.masks[l.name].bool().cpu() for l in layers}
 
-    new = copy.deepcopy(model)
+    with exclusive(model, "neuslice.restructure"):  # never copy another thread's hooks
+        new = copy.deepcopy(model)
     frozen = {n: p.requires_grad for n, p in new.named_parameters()}
+    ties = _ties(new)
     training = new.training
     new.eval()  # tracing runs a forward pass: do not update BatchNorm statistics
+    for p in new.parameters():  # torch-pruning traces through autograd: frozen layers too
+        if p.is_floating_point() or p.is_complex():
+            p.requires_grad_(True)
     try:
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(new, example_inputs=inputs, verbose=False)
@@ -223,8 +273,7 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
         if not g.remove:
             continue
         module = modules[g.root]
-        fn = dg.get_pruner_of_module(module).prune_out_channels
-        group = dg.get_pruning_group(module, fn, g.remove)
+        group = _pruning_group(dg, module, g.root, g.remove)
         if not dg.check_pruning_group(group):
             logger.warning("restructure: torch-pruning refuses to prune %s (it would empty a "
                            "coupled layer); its neurons are all kept.", sorted(g.members))
@@ -241,6 +290,13 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
     for n, p in new.named_parameters():
         if n in frozen:
             p.requires_grad_(frozen[n])
+    broken = [names for names in ties if len({id(_get(new, n)) for n in names}) > 1]
+    if broken:
+        raise ValueError(
+            f"restructuring would untie the shared parameters {broken} of "
+            f"{type(model).__name__} (torch-pruning thins each use separately). Keep the neurons "
+            f"whose removal touches them (mark them critical, or leave their layers out of the "
+            f"slice), untie them in the model first, or use neuslice.masked(model, slice).")
     try:
         with torch.no_grad():
             after = _shapes(_forward(new, inputs))

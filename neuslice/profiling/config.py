@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,11 @@ class ProfileConfig:
             statistics are still accumulated in float32/float64.
         backend: backend of the HSIC op (``neuslice.ops``): None/"auto", "cuda", "triton",
             "cpp" or "torch"; the ``NEUSLICE_BACKEND`` environment variable also sets it.
+        output_fn: a callable mapping the model's output to the ``(batch, classes)`` logits
+            Taylor and DeepLIFT differentiate, for models that return something else: e.g.
+            ``lambda out: out["logits"]`` (Hugging Face) or ``lambda out: out[0]`` for
+            ``(logits, aux)``. None: the output must be the logits tensor. It changes no
+            statistic's meaning, so it is not part of a checkpoint's key.
     """
 
     metrics: tuple[str, ...] = METRICS
@@ -52,6 +58,7 @@ class ProfileConfig:
     keep_hsic: bool | None = None
     autocast: torch.dtype | None = None
     backend: str | None = None
+    output_fn: Callable[[Any], torch.Tensor] | None = None
 
     def __post_init__(self):
         metrics = check_metrics(self.metrics)
@@ -79,6 +86,10 @@ class ProfileConfig:
         if self.autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got "
                              f"{self.autocast!r}")
+        if self.output_fn is not None and not callable(self.output_fn):
+            raise TypeError(f"output_fn must be a callable mapping the model's output to its "
+                            f"logits (e.g. lambda out: out['logits']) or None, got "
+                            f"{type(self.output_fn).__name__}")
         keep = (self.category_order == "any") if self.keep_hsic is None else bool(self.keep_hsic)
         object.__setattr__(self, "keep_hsic", keep)
 

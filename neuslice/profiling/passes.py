@@ -37,6 +37,20 @@ def split_batch(batch, num_classes: int, index: int):
     return x, y.long()
 
 
+def model_logits(out, cfg) -> torch.Tensor:
+    """The logits in the model's output ``out``: ``cfg.output_fn(out)``, or ``out`` itself."""
+    fn = getattr(cfg, "output_fn", None)
+    logits = out if fn is None else fn(out)
+    if not torch.is_tensor(logits):
+        where = "output_fn returned" if fn is not None else "the model returned"
+        raise TypeError(
+            f"Taylor and DeepLIFT need the model's classification logits, but {where} a "
+            f"{type(logits).__name__}. Pass output_fn= to neuslice.profile to pick them, e.g. "
+            f"output_fn=lambda out: out['logits'] for a dict or out[0] for a tuple "
+            f"(logits, aux).")
+    return logits
+
+
 def check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
     if logits.dim() != 2 or logits.shape[1] < num_classes:
         raise ValueError(
@@ -56,6 +70,15 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_leaf(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself when autograd tracks it; else (a frozen model fed integer tokens, whose
+    first layers have nothing that requires grad) a detached copy that requires grad, so the
+    gradients of everything after it can be taken. The model's parameters are not touched."""
+    if out.requires_grad or not (out.is_floating_point() or out.is_complex()):
+        return out
+    return out.detach().requires_grad_(True)
 
 
 def neuron_values(layer: SlicedLayer, h: torch.Tensor) -> torch.Tensor:
@@ -98,6 +121,8 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
 
     def keep(layer, key):
         def cb(out):
+            if want_grad:
+                out = grad_leaf(out)
             kept[layer.name][key] = out
             return out.clone()  # the model gets a copy; ours is never modified in place
         return cb
@@ -126,7 +151,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
         if want_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         with autocast_ctx(x.device, cfg.autocast):
-            logits = model(x)
+            logits = model_logits(model(x), cfg)
         if rule is not None:
             rule.begin(None)
     for l in layers:

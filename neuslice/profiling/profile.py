@@ -30,6 +30,8 @@ from torch import nn
 
 from .._utils.checks import model_device
 from .._utils.hooks import module_modes
+from .._utils.in_use import exclusive
+from .._utils.wrappers import unwrap_model
 from .._utils.numerics import accumulation_dtype, no_tf32
 from .._utils.progress import progress as progress_bar
 from ..layers import SlicedLayer, find_layers, model_fingerprint
@@ -245,10 +247,13 @@ def profile(
         progress: show a progress bar (rank 0 only).
 
     The model's parameters, buffers, gradients and train/eval modes are left exactly as they
-    were (profiling runs in eval mode).
+    were (profiling runs in eval mode). A ``torch.compile`` or (Distributed)DataParallel wrapper
+    is seen through: the module inside is profiled, eagerly (same result as the plain model).
+    Another thread that profiles or masks the same model meanwhile gets a ``RuntimeError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     if metrics is not None:
         options["metrics"] = metrics
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
@@ -262,7 +267,8 @@ def profile(
     bar = progress_bar(loader, progress and (reducer is None or reducer.rank == 0),
                        "neuslice.profile")
     try:
-        with no_tf32(), module_modes(work_model, train=False):
+        with exclusive(model, "neuslice.profile"), no_tf32(), \
+                module_modes(work_model, train=False):
             p = _plan(model, work_model, device, iter(bar), layers, cfg, reducer, checkpoint,
                       resume)
             _consume(p, checkpoint, checkpoint_every)
@@ -279,7 +285,8 @@ def estimate_profile_memory(model: nn.Module, example_inputs: torch.Tensor, num_
     for ``model`` on inputs shaped like ``example_inputs`` and batches of ``batch_size``, without
     profiling; ``config`` and ``**options`` mean what they mean for ``profile``."""
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
+    model = unwrap_model(model)
     sliced = find_layers(model, layers)
-    with module_modes(model, train=False):
+    with exclusive(model, "neuslice.estimate_profile_memory"), module_modes(model, train=False):
         positions, _ = probe_positions(model, sliced, example_inputs, cfg.autocast)
     return plan_memory(sliced, positions, cfg, batch_size)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cka
-from .._utils.io import atomic_torch_save
+from .._utils.io import atomic_torch_save, content_digest
 from .scores import check_metrics, ranking, scorable, score
 
 __all__ = ["Profile"]
@@ -115,11 +115,15 @@ class Profile:
                 "input_shape": self.input_shape, "hsic_routes": self.hsic_routes,
                 "warnings": self.warnings, "timings": self.timings,
                 "keep_hsic": self.keeps_hsic}
-        atomic_torch_save({"meta": json.dumps(meta), "tensors": self.tensors}, path)
+        text = json.dumps(meta)
+        atomic_torch_save({"meta": text, "tensors": self.tensors,
+                           "checksum": content_digest([text, self.tensors])}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        """Read a profile written by :meth:`save`; a corrupt file raises ``ValueError``."""
+        """Read a profile written by :meth:`save`. The checksum (absent from files of neuslice
+        0.1), the metadata and every statistic (shape, finite values, signs) are checked; an
+        edited, corrupt or truncated file raises ``ValueError`` naming the file and the field."""
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(blob["meta"])
@@ -145,6 +149,7 @@ class Profile:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path} is corrupt: its metadata is incomplete "
                              f"({type(exc).__name__}: {exc}).") from exc
+        _check_meta(path, prof)
         for layer, d in sizes:
             c = prof.num_classes
             expect = {"count": (c,), "mean": (c, d), "m2": (c, d)}
@@ -155,4 +160,66 @@ class Profile:
                 if t is None or tuple(t.shape) != shape:
                     raise ValueError(f"{path} is corrupt: tensor {layer}.{key} is missing or has "
                                      f"the wrong shape.")
+        _check_tensors(path, prof)
+        # last, so that a damaged field is named; files of neuslice 0.1 carry no checksum
+        if "checksum" in blob and blob["checksum"] != content_digest([blob["meta"], tensors]):
+            raise ValueError(f"{path} is corrupt: field 'checksum' does not match the content "
+                             f"(the file was edited or damaged after it was written). Re-run "
+                             f"neuslice.profile to recreate it.")
         return prof
+
+
+_OPTIONAL_SHAPES = {"taylor": "cd", "taylor_batches": "c", "taylor_act": "cd", "deeplift": "cd",
+                    "taylor_all": "d", "taylor_all_batches": "", "hsic_weight": "c"}
+_NON_NEGATIVE = ("count", "m2", "taylor", "taylor_batches", "taylor_act", "taylor_all",
+                 "taylor_all_batches", "hsic_weight")
+
+
+def _check_meta(path, prof: "Profile") -> None:
+    def bad(field_name, what):
+        raise ValueError(f"{path} is corrupt: field {field_name!r} {what}.")
+
+    if not isinstance(prof.layers, list) or not prof.layers or \
+            not all(isinstance(n, str) for n in prof.layers) or \
+            len(set(prof.layers)) != len(prof.layers):
+        bad("layers", "must be a non-empty list of distinct layer names")
+    if not isinstance(prof.num_neurons, dict) or set(prof.num_neurons) != set(prof.layers):
+        bad("num_neurons", f"must give the size of every layer of {prof.layers}")
+    for v in [prof.num_classes, *prof.num_neurons.values()]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad("num_neurons/num_classes", f"holds {v!r}, not a positive int")
+    try:
+        check_metrics(list(prof.metrics))
+    except (TypeError, ValueError) as exc:
+        bad("metrics", f"is invalid ({exc})")
+    if not isinstance(prof.fingerprint, str) or not prof.fingerprint:
+        bad("fingerprint", "must be a non-empty string")
+    shape = prof.input_shape
+    if not isinstance(shape, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        bad("input_shape", f"must be a list of positive ints, got {shape!r:.80}")
+    if not isinstance(prof.hsic_routes, dict) or not set(prof.hsic_routes) <= set(prof.layers):
+        bad("hsic_routes", "must map profiled layers to routes")
+
+
+def _check_tensors(path, prof: "Profile") -> None:
+    c = prof.num_classes
+    for key, t in prof.tensors.items():
+        layer, _, stat = key.partition(".")
+        if layer not in prof.num_neurons or not torch.is_tensor(t):
+            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] belongs to no layer or "
+                             f"is not a tensor.")
+        d = prof.num_neurons[layer]
+        spec = "cd" if stat.startswith("curve.") else _OPTIONAL_SHAPES.get(stat)
+        if spec is not None and tuple(t.shape) != tuple(c if s == "c" else d for s in spec):
+            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] has shape "
+                             f"{tuple(t.shape)}.")
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] has dtype {t.dtype}.")
+        # CKA curves are NaN for categories without enough samples; nothing else may be
+        finite = torch.isfinite(t) | (torch.isnan(t) if stat.startswith("curve.") else False)
+        if not bool(finite.all()):
+            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] holds NaN or infinite "
+                             f"values.")
+        if stat in _NON_NEGATIVE and bool((t < 0).any()):
+            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] holds negative values.")

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from .._utils.io import atomic_torch_save
+from .._utils.io import atomic_torch_save, content_digest
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def save(path: str, payload: dict, keep_previous: bool = False) -> bool:
     try:
         if keep_previous and os.path.exists(path):
             os.replace(path, previous(path))
-        atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
+        blob = {"format": FORMAT, "version": VERSION, **payload}
+        atomic_torch_save({**blob, "checksum": content_digest(blob)}, path)
         return True
     except OSError as exc:
         msg = (f"neuslice.profile could not write checkpoint {path} ({type(exc).__name__}: "
@@ -89,6 +90,12 @@ def load(path: str | os.PathLike) -> dict:
                          f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("version") != VERSION:
         raise ValueError(f"{path} is not a neuslice profile checkpoint (version {VERSION}).")
+    if "checksum" in blob:  # checkpoints of neuslice 0.1 have none
+        body = {k: v for k, v in blob.items() if k != "checksum"}
+        if blob["checksum"] != content_digest(body):
+            raise ValueError(f"{path} is corrupt: field 'checksum' does not match the content "
+                             f"(the file was edited or damaged after it was written). Delete it "
+                             f"and start without resume=.")
     return blob
 
 
