@@ -121,8 +121,10 @@ class LayerState:
             if self.hsic is not None:
                 self.hsic[c] = m
             elif float(w) > 0:
-                for metric, curves in self.curves.items():
-                    curves[c] = cka.prefix_curve(m, ranking(score(self._get, metric, c)))
+                metrics = list(self.curves)
+                got = cka.prefix_curves(m, [ranking(score(self._get, k, c)) for k in metrics])
+                for metric, curve in zip(metrics, got):
+                    self.curves[metric][c] = curve
 
     def _get(self, key: str) -> torch.Tensor:
         if key in ("count", "mean", "m2"):
