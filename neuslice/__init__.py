@@ -23,6 +23,8 @@ from .maintenance.restructure import restructure
 from .masking import masked
 from .profiling.profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
+from .decomposition.incite import add_mutation_scores, mutation_scores
+from .decomposition.modules import Modules, decompose
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,8 @@ __all__ = [
     "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice",
     "global_slice", "categorywise_slice", "semantic_slice", "random_slice", "masked",
     "restructure", "MaskedOptimizer", "trainable_fraction", "find_layers",
-    "recalibrate_batchnorm", "model_fingerprint", "__version__",
+    "recalibrate_batchnorm", "model_fingerprint", "mutation_scores", "add_mutation_scores",
+    "Modules", "decompose", "__version__",
 ]
 
 _deprecated.install(__name__)

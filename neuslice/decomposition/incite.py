@@ -246,8 +246,8 @@ def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
         for a in n.all_input_nodes:
             plan.last_use[a] = i
     if not delta or plan.layer.coupled or not plan.layer.consumers or \
-            2 * max(len(u) for u in plan.members) > plan.layer.num_neurons:
-        return  # (a cluster of over half the layer gains nothing from the low-rank update)
+            4 * max(len(u) for u in plan.members) > plan.layer.num_neurons:
+        return  # (clusters of over a quarter of the layer gain little from the low-rank update)
     d = plan.layer.num_neurons
     by_target = {n.target: n for n in plan.nodes if n.op == "call_module"}
     consumers = {}
