@@ -8,13 +8,15 @@ import torch
 
 METRICS = ("avg", "var", "ens", "taylor", "deeplift")
 ALL_METRICS = METRICS + ("taylor_act",)
+# Not computed by profile(): inserted afterwards (neuslice.add_mutation_scores).
+INSERTED_METRICS = ("mutation",)
 
 
 def check_metrics(metrics) -> tuple[str, ...]:
     if isinstance(metrics, str):
         metrics = (metrics,)
     metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in ALL_METRICS]
+    unknown = [m for m in metrics if m not in ALL_METRICS + INSERTED_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}.")
     return metrics
@@ -36,6 +38,13 @@ def score(get: Callable[[str], torch.Tensor], metric: str, category: int | None)
     """Score of every neuron on ``category`` (None: all data) from the tensors ``get(key)``:
     ``count``, ``mean``, ``m2``, ``taylor(_batches)``, ``taylor_all(_batches)``, ``deeplift``,
     ``taylor_act``."""
+    if metric in INSERTED_METRICS:  # (categories, neurons); all data: the sum over categories
+        try:
+            s = get(metric)
+        except KeyError:
+            raise ValueError(f"this profile holds no {metric!r} scores; insert them with "
+                             f"neuslice.add_mutation_scores(profile, scores).") from None
+        return s.sum(0) if category is None else s[category]
     count, mean, m2 = get("count"), get("mean"), get("m2")
     if category is None:
         n = count.sum()
