@@ -35,7 +35,8 @@ def test_old_profile_and_slice_load_and_agree_with_a_new_run():
     new = neuslice.profile(model, loader, 3, progress=False)
     assert old.layers == new.layers and old.num_neurons == new.num_neurons
     for key, t in new.tensors.items():
-        torch.testing.assert_close(old.tensors[key], t, rtol=1e-6, atol=1e-9, equal_nan=True)
+        # float32 products accumulated in float64: agree to float32 precision, on any BLAS
+        torch.testing.assert_close(old.tensors[key], t, rtol=1e-4, atol=1e-6, equal_nan=True)
     sl = neuslice.Slice.load(DATA / "slice.json")
     again = neuslice.semantic_slice(new, "taylor", 0.9)
     assert {k: v.tolist() for k, v in sl.masks.items()} == \
@@ -49,7 +50,8 @@ def test_old_checkpoint_resumes(tmp_path):
     resumed = neuslice.profile(model, loader, 3, resume=tmp_path / "run.ckpt", progress=False)
     plain = neuslice.profile(model, loader, 3, progress=False)
     for key, t in plain.tensors.items():
-        torch.testing.assert_close(resumed.tensors[key], t, rtol=1e-9, atol=1e-12,
+        # the checkpoint's statistics were computed by the old code: float32 precision
+        torch.testing.assert_close(resumed.tensors[key], t, rtol=1e-4, atol=1e-6,
                                    equal_nan=True)
 
 

@@ -90,8 +90,8 @@ class ProfileConfig:
             raise TypeError(f"output_fn must be a callable mapping the model's output to its "
                             f"logits (e.g. lambda out: out['logits']) or None, got "
                             f"{type(self.output_fn).__name__}")
-        keep = (self.category_order == "any") if self.keep_hsic is None else bool(self.keep_hsic)
-        object.__setattr__(self, "keep_hsic", keep)
+        if self.keep_hsic is not None:
+            object.__setattr__(self, "keep_hsic", bool(self.keep_hsic))
 
     @classmethod
     def resolve(cls, config: "ProfileConfig | None", **options) -> "ProfileConfig":
@@ -121,6 +121,8 @@ class PassConfig(ProfileConfig):
         if _not_int(self.num_classes) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         super().__post_init__()
+        if self.keep_hsic is None:  # the default follows the category order
+            object.__setattr__(self, "keep_hsic", self.category_order == "any")
 
     @classmethod
     def bind(cls, config: ProfileConfig, num_classes: int) -> "PassConfig":

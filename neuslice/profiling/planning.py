@@ -3,19 +3,23 @@ check that ranks profile alike; after it: the Profile's tensors and warnings."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 
 import torch
+from torch import nn
+
+from .._utils.hooks import hooks_at
 
 from ..runtime.memory import GiB, MemoryBudgetError, estimate
 from .config import PassConfig
-from .passes import probe_positions
+from .passes import autocast_ctx, model_logits, probe_positions
 from .scores import scorable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["budget_error", "plan_memory", "layer_shapes", "check_ranks_agree", "collect"]
+__all__ = ["budget_error", "plan_memory", "model_bytes", "probe_batch_bytes", "layer_shapes", "check_ranks_agree", "collect"]
 
 
 def budget_error(est, budget_gb: float, cfg: PassConfig, why: str = "") -> MemoryBudgetError:
@@ -34,13 +38,61 @@ def budget_error(est, budget_gb: float, cfg: PassConfig, why: str = "") -> Memor
         f"max_memory_gb={budget_gb}.\n{est.table()}\nTo fit: " + "; ".join(hints) + ".")
 
 
-def plan_memory(sliced, positions, cfg: PassConfig, batch_size: int, open_categories: int = 2):
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    seen = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def probe_batch_bytes(model: nn.Module, sliced, x: torch.Tensor, cfg: PassConfig) -> int:
+    """Bytes one batch like ``x`` holds while in flight, measured by one forward: the tensors
+    autograd saves for the backward pass (Taylor and DeepLIFT differentiate), the pass's copies
+    of every sliced layer's outputs, and the logits; DeepLIFT runs input and baseline as one
+    batch of twice the size."""
+    params = {_storage_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    saved: dict = {}
+    outs: list[int] = [0]
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    def keep(out):
+        outs[0] += out.numel() * out.element_size()  # the pass's copy of the output
+        return out
+
+    want_grad = bool({"taylor", "taylor_act", "deeplift"} & set(cfg.metrics))
+    points = [(l.hook_module, l.call_index, keep) for l in sliced]
+    with torch.set_grad_enabled(want_grad), hooks_at(model, points), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        xx = x.detach().requires_grad_(want_grad) if x.is_floating_point() else x
+        with autocast_ctx(x.device, cfg.autocast):
+            logits = model(xx)
+    total = sum(saved.values()) + outs[0] + _tensor_bytes(model_logits(logits, cfg))
+    return total * (2 if "deeplift" in cfg.metrics else 1)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_memory(sliced, positions, cfg: PassConfig, batch_size: int, open_categories: int = 2,
+                model_bytes: int = 0, batch_bytes: int = 0):
     return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
                     cfg.num_classes, hsic=cfg.hsic, hsic_route=cfg.hsic_route,
                     cka_batch=cfg.cka_batch, max_feature_dim=cfg.max_feature_dim,
                     category_order=cfg.category_order, keep_hsic=cfg.keep_hsic,
                     num_metrics=len(scorable(cfg.metrics)), batch_size=batch_size,
-                    open_categories=open_categories)
+                    open_categories=open_categories, model_bytes=model_bytes,
+                    batch_bytes=batch_bytes)
 
 
 def layer_shapes(model, sliced, first, reducer, autocast):

@@ -42,7 +42,8 @@ from .config import PassConfig, ProfileConfig
 from .layer_state import LayerState
 from .pass_state import PassState, resume_blob
 from .passes import forward_pass, probe_positions, split_batch
-from .planning import budget_error, check_ranks_agree, collect, layer_shapes, plan_memory
+from .planning import (budget_error, check_ranks_agree, collect, layer_shapes, model_bytes,
+                       plan_memory, probe_batch_bytes)
 from .result import Profile
 from .scores import ALL_METRICS, METRICS
 
@@ -110,9 +111,15 @@ def _plan(model, work_model, device, loader_iter, sliced_names, cfg: PassConfig,
     positions, feat_dtype, input_shape = layer_shapes(work_model, sliced, first, reducer,
                                                       cfg.autocast)
     batch_size = max([b[0].shape[0] for b in read] + [1])
+    weights = model_bytes(work_model) * (1 if work_model is model else 2)
+    in_flight = 0
+    if first is not None:
+        in_flight = probe_batch_bytes(work_model, sliced, first[0], cfg) * batch_size \
+            // max(first[0].shape[0], 1)
 
     def plan(open_categories=2):
-        return plan_memory(sliced, positions, cfg, batch_size, open_categories)
+        return plan_memory(sliced, positions, cfg, batch_size, open_categories, weights,
+                           in_flight)
 
     est = plan()
     if est.total > cfg.max_memory_gb * GiB:
@@ -287,6 +294,12 @@ def estimate_profile_memory(model: nn.Module, example_inputs: torch.Tensor, num_
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
     model = unwrap_model(model)
     sliced = find_layers(model, layers)
+    if not torch.is_tensor(example_inputs) or example_inputs.dim() < 1 or \
+            example_inputs.shape[0] < 1:
+        raise ValueError("example_inputs must be a tensor holding a batch of at least one input")
     with exclusive(model, "neuslice.estimate_profile_memory"), module_modes(model, train=False):
         positions, _ = probe_positions(model, sliced, example_inputs, cfg.autocast)
-    return plan_memory(sliced, positions, cfg, batch_size)
+        in_flight = probe_batch_bytes(model, sliced, example_inputs, cfg) * batch_size \
+            // example_inputs.shape[0]
+    return plan_memory(sliced, positions, cfg, batch_size, model_bytes=model_bytes(model),
+                       batch_bytes=in_flight)

@@ -61,22 +61,27 @@ class MemoryEstimate:
         lines = [f"estimated memory {self.total / GiB:.2f} GiB for {self.num_classes} "
                  f"categories ({self.slots} HSIC accumulator slot(s) per layer):"]
         for part, b in sorted(self.parts.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {part:<28} {b / GiB:9.3f} GiB")
+            lines.append(f"  {part:<34} {b / GiB:9.3f} GiB")
         rows = sorted(self.rows, key=lambda r: -r[4])[:top]
         lines.append("  largest layers: " + ", ".join(
             f"{n} ({r}, d={d}, s={s}: {b / GiB:.2f} GiB)" for n, r, d, s, b in rows))
+        lines.append("  (covers the statistics, the model and one batch in flight; not the "
+                     "Python/torch runtime nor the data loader's own memory)")
         return "\n".join(lines)
 
 
 def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool = True,
              hsic_route: str = "auto", cka_batch: int = 128, max_feature_dim: int = 2048,
              category_order: str = "any", keep_hsic: bool = True, num_metrics: int = 5,
-             batch_size: int = 1, open_categories: int = 2) -> MemoryEstimate:
+             batch_size: int = 1, open_categories: int = 2, model_bytes: int = 0,
+             batch_bytes: int = 0) -> MemoryEstimate:
     """Estimate for ``layers`` given as ``(name, neurons d, positions s)``.
 
     With ``category_order="grouped"``, ``open_categories`` HSIC accumulators are planned (2: a
     batch spans at most two categories when every category has at least a batch of samples);
-    the profile re-checks the budget if a batch opens more.
+    the profile re-checks the budget if a batch opens more. ``model_bytes`` (parameters and
+    buffers) and ``batch_bytes`` (what one batch holds while it is in flight: activations saved
+    for backward, the copies of the sliced layers' outputs) are added as measured by the caller.
     """
     c = num_classes
     grouped = category_order != "any"
@@ -106,5 +111,7 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
             parts["HSIC results"] += result
             layer_bytes += acc + finalize + pending + result
         est.rows.append((name, route, d, s, layer_bytes))
+    parts["model (parameters, buffers)"] = model_bytes
+    parts["one batch in flight (activations)"] = batch_bytes
     est.parts = {k: v for k, v in parts.items() if v}
     return est
