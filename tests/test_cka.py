@@ -33,7 +33,7 @@ def _gen(seed: int) -> torch.Generator:
 def _acts(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Correlated, non-zero-mean activations so centring and cross terms matter."""
     g = _gen(seed)
-    n, d = shape[0], shape[1]
+    d = shape[1]
     base = torch.randn(shape, generator=g, dtype=torch.float64)
     mix = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
     mixed = torch.einsum("nd...,de->ne...", base, mix)

@@ -53,8 +53,8 @@ def _storage_key(t: torch.Tensor):
 def probe_batch_bytes(model: nn.Module, sliced, x: torch.Tensor, cfg: PassConfig) -> int:
     """Bytes one batch like ``x`` holds while in flight, measured by one forward: the tensors
     autograd saves for the backward pass (Taylor and DeepLIFT differentiate), the pass's copies
-    of every sliced layer's outputs, and the logits; DeepLIFT runs input and baseline as one
-    batch of twice the size."""
+    of every sliced layer's outputs, and the logits (DeepLIFT reuses the same graph and adds a
+    baseline of one sample)."""
     params = {_storage_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
     saved: dict = {}
     outs: list[int] = [0]
@@ -77,7 +77,7 @@ def probe_batch_bytes(model: nn.Module, sliced, x: torch.Tensor, cfg: PassConfig
         with autocast_ctx(x.device, cfg.autocast):
             logits = model(xx)
     total = sum(saved.values()) + outs[0] + _tensor_bytes(model_logits(logits, cfg))
-    return total * (2 if "deeplift" in cfg.metrics else 1)
+    return total
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
