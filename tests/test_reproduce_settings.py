@@ -195,7 +195,8 @@ def test_rq3_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, o
     assert "resnet18-cifar10" in format_rq3(rows, "resnet18-cifar10")
 
 
-def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, monkeypatch, capsys):
+def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, tmp_path, monkeypatch,
+                                         capsys):
     import neuslice.experiments.reproduce_rq3 as rq3
 
     seen = {}
@@ -204,10 +205,14 @@ def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, monkeypatch, 
         seen["config"] = config
         return {}
 
+    monkeypatch.chdir(tmp_path)  # the results go to ./neuslice-reproduce/rq3-resnet18-cifar10/
     monkeypatch.setattr(rq3, "run_rq3", fake_run)
     monkeypatch.setattr(rq3, "format_rq3", lambda rows, setting: "table")
+    monkeypatch.setattr(rq3, "plot_rq3", lambda rows, setting, path: path)
     assert main(["reproduce", "rq3", "--setting", "resnet18-cifar10", "--seeds", "0",
                  "--data-root", str(cifar_root), "--device", "cpu"]) == 0
     cfg = seen["config"]
     assert cfg.data_root == str(cifar_root) and cfg.device == "cpu" and cfg.epochs == 30
     assert cfg.setting == "resnet18-cifar10"
+    assert (tmp_path / "neuslice-reproduce" / "rq3-resnet18-cifar10" /
+            "rq3_resnet18-cifar10.txt").read_text() == "table\n"

