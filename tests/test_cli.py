@@ -275,3 +275,16 @@ def test_plot_sweep_rejects_empty_rows(tmp_path):
         plot_sweep(0.9, [], tmp_path / "f.png")
     with pytest.raises(ValueError, match="finite"):
         plot_sweep(float("nan"), _sweep_rows(), tmp_path / "f.png")
+
+
+def test_reproduce_incite_writes_table_csv_and_plot(tmp_path, capsys):
+    from neuslice.experiments.cli import main
+
+    rc = main(["reproduce", "incite", "--subjects", "diabetes", "--methods", "incite",
+               "--seeds", "0", "--regressor-epochs", "2", "--head-epochs", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "diabetes" in out and "incite" in out
+    for ext in ("txt", "csv", "png"):
+        assert (tmp_path / f"incite.{ext}").stat().st_size > 0

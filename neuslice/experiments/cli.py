@@ -326,6 +326,76 @@ def _add_reproduce(sub) -> None:
     rq4.add_argument("--task-batchnorm", action="store_true",
                      help="keep each task's BatchNorm statistics re-estimated under its mask "
                           "and use them for its masked inference")
+    _add_reproduce_incite(rsub)
+
+
+def _reproduce_incite(args: argparse.Namespace) -> int:
+    from . import reproduce_incite as ri
+
+    t0 = time.perf_counter()
+    try:
+        config = ri.InciteConfig(subjects=tuple(args.subjects), methods=tuple(args.methods),
+                                 seeds=tuple(args.seeds),
+                                 classifier_epochs=args.classifier_epochs,
+                                 regressor_epochs=args.regressor_epochs,
+                                 head_epochs=args.head_epochs, fraction=args.fraction,
+                                 cluster_size=args.cluster_size, threads=args.threads)
+    except ValueError as exc:
+        print(f"neuslice reproduce incite: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(DEFAULT_REPRODUCE_DIR, "incite")
+    logger.info("reproduce incite, subjects %s, seeds %s; results go to %s",
+                list(args.subjects), list(args.seeds), out)
+    rows = ri.run(config)
+    text = ri.format_table(rows)
+    print(text)
+    logger.info("(%.0fs)", time.perf_counter() - t0)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, "incite")
+    with open(stem + ".txt", "w") as f:
+        f.write(text + "\n")
+    written = [stem + ".txt"]
+    if _write_csv(rows, stem + ".csv"):
+        written.append(stem + ".csv")
+    try:
+        ri.plot(rows, stem + ".png")
+    except ImportError as exc:
+        logger.warning("neuslice reproduce incite: no plot written (%s)", exc)
+    else:
+        written.append(stem + ".png")
+    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+    return 0
+
+
+def _add_reproduce_incite(rsub) -> None:
+    from .reproduce_incite import SUBJECTS
+
+    help = ("Incite: per-output modules by mutation analysis vs NeuSemSlice modules (accuracy "
+            "or MAE, overlap, compression, mutation time)")
+    p = rsub.add_parser("incite", help=help, description=help, formatter_class=_HelpFormatter)
+    _verbosity_options(p)
+    p.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=list(SUBJECTS),
+                   metavar="SUBJECT",
+                   help=f"models and data sets, from {list(SUBJECTS)}")
+    p.add_argument("--methods", nargs="+", default=["incite", "semantic"],
+                   choices=["incite", "semantic"], help="decomposition methods")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds; the table shows mean and standard deviation over them")
+    p.add_argument("--classifier-epochs", type=_positive(int), default=5,
+                   help="training epochs of the classifiers")
+    p.add_argument("--regressor-epochs", type=_positive(int), default=40,
+                   help="training epochs of the regressors")
+    p.add_argument("--head-epochs", type=_positive(int), default=5,
+                   help="training epochs of each module's head")
+    p.add_argument("--fraction", type=float, default=0.6,
+                   help="fraction of each layer's clusters a module keeps")
+    p.add_argument("--cluster-size", type=_positive(int), default=10,
+                   help="average units per mutation cluster (1: every unit its own mutant)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"folder for the table (.txt, .csv) and plot (.png); None: "
+                        f"{DEFAULT_REPRODUCE_DIR}/incite/")
+    p.set_defaults(func=_reproduce_incite, rq="incite")
 
 
 # -------------------------------------------------------------------------------------- info

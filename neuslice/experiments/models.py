@@ -120,3 +120,16 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def VGG16(num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """Deprecated: the CIFAR VGG-16 is ``neuslice.experiments.zoo.build("cifar_vgg16", ...)``
+    (torchvision's VGG-16-BN with a 32x32 head); this name builds that model."""
+    import warnings
+
+    from . import zoo
+
+    warnings.warn("neuslice.experiments.models.VGG16 is deprecated; use "
+                  "neuslice.experiments.zoo.build('cifar_vgg16', num_classes)",
+                  DeprecationWarning, stacklevel=2)
+    return zoo.build("cifar_vgg16", num_classes, **kwargs)

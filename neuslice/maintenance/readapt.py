@@ -136,7 +136,7 @@ def _import_torchattacks() -> Any:
     except ImportError as exc:
         raise ImportError(
             "adversarial attacks need torchattacks; install it with "
-            "`pip install --no-deps torchattacks` (it does not need torchvision)") from exc
+            "`pip install \"neuslice[readapt]\"` (torchattacks and torchvision)") from exc
     return torchattacks
 
 

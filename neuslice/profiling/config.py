@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .scores import METRICS, check_metrics
+from .scores import INSERTED_METRICS, METRICS, check_metrics
 
 __all__ = ["ProfileConfig", "PassConfig"]
 
@@ -62,6 +62,11 @@ class ProfileConfig:
 
     def __post_init__(self):
         metrics = check_metrics(self.metrics)
+        inserted = [m for m in metrics if m in INSERTED_METRICS]
+        if inserted:
+            raise ValueError(f"metric(s) {inserted} are not computed by profiling: compute them "
+                             f"with neuslice.mutation_scores and insert them into the profile "
+                             f"with neuslice.add_mutation_scores(profile, scores).")
         if "ens" in metrics:
             metrics = tuple(dict.fromkeys(metrics + ("avg", "var")))
         object.__setattr__(self, "metrics", metrics)
