@@ -556,3 +556,12 @@ def test_swapped_submodule_is_profiled_not_the_old_one():
     ref = model(x)
     with neuslice.masked(model, sl):
         assert not torch.equal(model(x), ref)
+
+
+def test_profile_tensors_are_plain_data():
+    """No statistic carries an autograd graph (e.g. the DeepLIFT baseline's outputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    loader = [(torch.randn(16, 4), torch.arange(16) % 2)]
+    prof = neuslice.profile(model, loader, 2, metrics=neuslice.ALL_METRICS, progress=False)
+    assert [k for k, t in prof.tensors.items() if t.requires_grad] == []

@@ -102,11 +102,7 @@ class LayerState:
         if self.route == "feature":
             acc.finalize()
             for k in range(acc.count.shape[0]):
-                n = acc.count[k].to(ACC)
-                cm = acc.s2[k] - torch.outer(acc.s1[k], acc.s1[k]) / n.clamp(min=1)
-                cov = cm / (n - 1).clamp(min=1)
-                s = cov.shape[0] // d
-                m = cov.view(d, s, d, s).square().sum(dim=(1, 3))
+                m, n = acc.block_norms_(k, d)
                 yield m, (n if int(acc.count[k]) >= 2 else torch.zeros_like(n))
         else:
             acc.finalize()

@@ -54,8 +54,9 @@ class PassState:
             if not self._has_data(c):
                 continue
             accs = {n: st.take(c) for n, st in self.states.items()}
-            self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
-                          for n, st in self.states.items()])
+            if self.reducer is not None:
+                self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
+                              for n, st in self.states.items()])
             for n, st in self.states.items():
                 st.store(accs[n], [c])
         self.frontier = max(self.frontier, upto)
@@ -94,12 +95,15 @@ class PassState:
         if self.cfg.category_order == "grouped" or not self.cfg.hsic:
             if self.cfg.hsic:
                 self.finish_categories(c)
-            self._reduce([st.reduce_items(None, None if self.cfg.hsic else slice(0, c), True)
-                          for st in self.states.values()])
+            if self.reducer is not None:
+                self._reduce([st.reduce_items(None, None if self.cfg.hsic else slice(0, c), True)
+                              for st in self.states.values()])
             return
-        for st in self.states.values():
-            st.acc.finalize()
-        self._reduce([st.reduce_items(st.acc, slice(0, c), True) for st in self.states.values()])
+        if self.reducer is not None:
+            for st in self.states.values():
+                st.acc.finalize()
+            self._reduce([st.reduce_items(st.acc, slice(0, c), True)
+                          for st in self.states.values()])
         for st in self.states.values():
             st.store(st.acc, list(range(c)))
 

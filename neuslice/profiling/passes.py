@@ -222,7 +222,7 @@ def _deeplift(layers, states, kept, base, logits, y, cfg, rule) -> None:
         if h0 is None:
             raise RuntimeError(f"layer {l.name!r} was not executed on the DeepLIFT baseline.")
         wd = accumulation_dtype(h)
-        diff = l.neuron_view(h.detach()).to(wd) - l.neuron_view(h0).to(wd)
+        diff = l.neuron_view(h.detach()).to(wd) - l.neuron_view(h0.detach()).to(wd)
         contrib = (diff * l.neuron_view(g).to(wd)).sum(2).to(ACC)
         check_finite(l, contrib, "DeepLIFT contributions")
         states[l.name].sums["deeplift"].index_add_(0, y, contrib)

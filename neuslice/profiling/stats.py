@@ -27,6 +27,8 @@ class _Stateful:
 
     def load_state_dict(self, state: dict) -> None:
         for key in self._STATE:
+            if key not in state:  # handled by the subclass
+                continue
             cur, new = getattr(self, key), state[key]
             if torch.is_tensor(cur):
                 if not torch.is_tensor(new) or new.shape != cur.shape or new.dtype != cur.dtype:
@@ -102,7 +104,7 @@ class CovarianceAccumulator(_Stateful):
     matmul in ``compute_dtype`` (TF32 off) and the sums in float64.
     """
 
-    _STATE = ("count", "shift", "s1", "s2", "buffers", "buffered")
+    _STATE = ("count", "shift", "s1", "buffers", "buffered")  # and s2 (state_dict)
 
     def __init__(self, num_classes: int, dim: int, device=None, compute_dtype=torch.float32,
                  buffer_size: int = 256):
@@ -110,7 +112,8 @@ class CovarianceAccumulator(_Stateful):
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.shift = torch.zeros(num_classes, dim, dtype=ACC, device=device)
         self.s1 = torch.zeros(num_classes, dim, dtype=ACC, device=device)
-        self.s2 = torch.zeros(num_classes, dim, dim, dtype=ACC, device=device)
+        # per category (p, p), allocated when the category first flushes
+        self._s2: list[torch.Tensor | None] = [None] * num_classes
         self.compute_dtype = compute_dtype
         self.buffer_size = buffer_size
         self.buffers: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
@@ -133,11 +136,14 @@ class CovarianceAccumulator(_Stateful):
             self.shift[k] = x[0]
         d = x - self.shift[k]
         self.s1[k] += d.sum(0)
-        if self.compute_dtype == ACC:
-            self.s2[k].addmm_(d.T, d)
+        if self.compute_dtype != ACC:
+            d = d.to(self.compute_dtype)
+        if self._s2[k] is None:
+            self._s2[k] = (d.T @ d).to(ACC)
+        elif self.compute_dtype == ACC:
+            self._s2[k].addmm_(d.T, d)
         else:
-            dc = d.to(self.compute_dtype)
-            self.s2[k] += (dc.T @ dc).to(ACC)
+            self._s2[k].add_(d.T @ d)  # float32 product added into the float64 sums
         self.count[k] += x.shape[0]
 
     def finalize(self) -> None:
@@ -149,15 +155,55 @@ class CovarianceAccumulator(_Stateful):
         return self.shift + self.s1 / self.count.clamp(min=1).unsqueeze(1).to(ACC)
 
     @property
+    def s2(self) -> torch.Tensor:
+        """``Σ (x-shift)(x-shift)ᵀ`` per category, ``(C, p, p)`` (zeros where none flushed)."""
+        p = self.s1.shape[1]
+        return torch.stack([t if t is not None else
+                            torch.zeros(p, p, dtype=ACC, device=self.s1.device)
+                            for t in self._s2])
+
+    @property
     def comoment(self) -> torch.Tensor:
         """``Σ (x-μ)(x-μ)ᵀ`` per category (call :meth:`finalize` first)."""
         n = self.count.clamp(min=1).to(ACC).view(-1, 1, 1)
         return self.s2 - self.s1.unsqueeze(2) * self.s1.unsqueeze(1) / n
 
+    def block_norms_(self, k: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, n)`` of category ``k``: ``M[i, j]`` = squared Frobenius norm of the ``(i, j)``
+        block (``d`` blocks of ``p / d`` positions) of the covariance; consumes the category's
+        co-moment in place (call :meth:`finalize` first; nothing may read ``k`` afterwards)."""
+        n = self.count[k].to(ACC)
+        p = self.s1.shape[1]
+        s = p // d
+        cm = self._s2[k]
+        if cm is None:  # no sample: an all-zero covariance
+            return torch.zeros(d, d, dtype=ACC, device=self.s1.device), n
+        self._s2[k] = None
+        cm.addr_(self.s1[k], self.s1[k], alpha=-1.0 / max(float(n), 1.0))  # in place: no p x p temp
+        m = cm.view(d, s, d, s).square_().sum(dim=(1, 3))
+        return m.div_((n - 1).clamp(min=1).square()), n
+
     def set_moments(self, count: torch.Tensor, mean: torch.Tensor, comoment: torch.Tensor) -> None:
         """Replace the (finalized) statistics by merged ones, e.g. after an all-reduce."""
         self.count, self.shift = count.clone(), mean.clone()
-        self.s1, self.s2 = torch.zeros_like(self.s1), comoment.clone()
+        self.s1 = torch.zeros_like(self.s1)
+        self._s2 = [t.clone() for t in comoment]
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["s2"] = None if all(t is None for t in self._s2) else self.s2
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        s2 = state.get("s2")
+        c, p = self.s1.shape
+        if s2 is not None and (not torch.is_tensor(s2) or tuple(s2.shape) != (c, p, p)
+                               or s2.dtype != ACC):
+            raise ValueError(f"state entry 's2' does not fit this accumulator (expected "
+                             f"{ACC} {(c, p, p)}).")
+        super().load_state_dict({k: v for k, v in state.items() if k != "s2"})
+        self._s2 = [None] * c if s2 is None else \
+            [t.to(self.s1.device) if int(n) > 0 else None for t, n in zip(s2, self.count)]
 
 
 class MinibatchHSICAccumulator(_Stateful):
