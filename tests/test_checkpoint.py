@@ -60,6 +60,7 @@ def test_resume_equals_uninterrupted(tmp_path, options):
     _same(resumed, full)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes(tmp_path):
     path = tmp_path / "killed.ckpt"
     proc = subprocess.Popen([sys.executable, str(WORKER), str(path), "0.3"],

@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 
+@pytest.mark.slow
 def test_demo_on_digits_writes_table_plot_and_slices(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--dataset", "digits", "--epochs", "3", "--random-repeats", "1",
@@ -49,6 +50,7 @@ def test_reproduce_rejects_a_bad_config(capsys):
     assert "epochs must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_cnn_with_batchnorm_recalibration(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--model", "cnn", "--dataset", "digits", "--epochs", "1",

@@ -135,6 +135,7 @@ def _two_ranks(mode, out, timeout=30):
     return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow
 def test_grouped_distributed_resume_after_a_crash(dist_run, tmp_path):
     """Both ranks crash part-way (at different batches); rank 1's newest checkpoint is lost as
     if it died while writing it; resuming agrees on the newest round both ranks still have and
@@ -153,6 +154,7 @@ def test_grouped_distributed_resume_after_a_crash(dist_run, tmp_path):
             assert _rel(got.tensors[key], t) <= 1e-12, (r, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,timeout", [("die", 30), ("stall", 5)])
 def test_a_dying_or_stuck_rank_gives_a_clear_error(tmp_path, mode, timeout):
     """A crashed rank (its sockets close) or a stuck one (the process group's timeout expires):
@@ -169,6 +171,7 @@ def test_a_dying_or_stuck_rank_gives_a_clear_error(tmp_path, mode, timeout):
     assert float(seconds) < timeout + 60
 
 
+@pytest.mark.slow
 def test_example_script_two_ranks_match_one(tmp_path):
     """examples/profile_distributed.py prints the same slice with 1 and 2 processes."""
     script = Path(__file__).parents[1] / "examples" / "profile_distributed.py"

@@ -120,6 +120,7 @@ def test_neusemslice_keeps_task_a_bit_identical(digits, build):
     assert torch.equal(state["head.bias"][head], state_before["head.bias"][head])
 
 
+@pytest.mark.slow
 def test_chain_abc_keeps_a_and_b_exact(digits):
     train, test = digits
     tr, te = split_tasks(train, ABC), split_tasks(test, ABC)
@@ -155,6 +156,7 @@ def ab_runs(digits):
     return out
 
 
+@pytest.mark.slow
 def test_run_rows(ab_runs):
     for method, rows in ab_runs.items():
         assert [r["task"] for r in rows] == [0, 1, "overall"]
@@ -191,6 +193,7 @@ def test_replay_helps_and_reports_memory(ab_runs, digits):
     assert nr["memory_bytes"] == ns["memory_bytes"] + rp[-1]["memory_bytes"]
 
 
+@pytest.mark.slow
 def test_run_chain_abc_and_plugged_slicers(digits):
     train, test = digits
     tr, te = split_tasks(train, ABC), split_tasks(test, ABC)
@@ -273,6 +276,7 @@ def test_bad_inputs(digits):
         slice_bytes({"fc1": torch.ones(3)})
 
 
+@pytest.mark.slow
 def test_task_batchnorm_keeps_each_task_exact_and_counts_its_bytes(digits):
     """Per-task BatchNorm statistics (re-estimated under the task's mask): task A is still
     exactly what it was after learning it, the statistics are the recalibrated ones, and their

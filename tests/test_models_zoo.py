@@ -180,6 +180,7 @@ def test_untraceable_model_falls_back_to_layer_outputs(caplog):
 
 
 # -------------------------------------------------------------------------- torchvision zoo
+@pytest.mark.slow
 def test_resnet18_smoke():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=C)

@@ -98,6 +98,7 @@ def test_grouped_order_refuses_unsorted_data():
     assert_same_snapshot(before, snapshot(model))
 
 
+@pytest.mark.slow
 def test_thousand_categories_grouped_keeps_few_accumulators(monkeypatch):
     """1,000 categories: the grouped pass never holds more than the categories of one batch
     plus one, and gives the same slices as the unbounded 'any' pass."""

@@ -143,6 +143,7 @@ def test_settings_tables():
 
 
 # --------------------------------------------------------------------- end to end, fake data
+@pytest.mark.slow
 def test_rq2_vgg16_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce import RQ2Config, format_rq2, run_rq2
 
@@ -161,6 +162,7 @@ def test_rq2_vgg16_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_
     assert {train for _, train in fake_cifar10.calls} == {True, False}
 
 
+@pytest.mark.slow
 def test_rq4_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
 
@@ -180,6 +182,7 @@ def test_rq4_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, o
     assert "resnet18-cifar10" in text and "paper" not in text
 
 
+@pytest.mark.slow
 def test_rq3_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_thread):
     from neuslice.experiments.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3
 

@@ -190,6 +190,7 @@ def _check_restructure(model, sl, x):
 @pytest.mark.parametrize("name,metric", [("resnet18", "taylor"),
                                          ("mobilenet_v3_small", "deeplift"),
                                          ("cifar_vgg16", "avg")])
+@pytest.mark.slow
 def test_profile_slice_mask_restructure(name, metric):
     model = _model(name)
     x, y = _data()
@@ -213,6 +214,7 @@ def test_profile_slice_mask_restructure(name, metric):
     _check_restructure(model, sl, x)
 
 
+@pytest.mark.slow
 def test_resnet50_profile_slice_restructure():
     model = _model("resnet50")
     x, y = _data(12)
@@ -224,6 +226,7 @@ def test_resnet50_profile_slice_restructure():
     _check_restructure(model, sl, x[:4])
 
 
+@pytest.mark.slow
 def test_full_size_vgg16_profile_slice_restructure():
     """torchvision's VGG-16 (134M parameters at 3 classes) end to end at 32x32."""
     model = _model("vgg16")
@@ -259,6 +262,7 @@ def _full_slice(model, off: dict[str, list[int]]) -> neuslice.Slice:
                           fingerprint=neuslice.model_fingerprint(model), input_shape=[3, 32, 32])
 
 
+@pytest.mark.slow
 def test_masked_se_gate_removes_its_channel_and_restructure_agrees():
     model = _model("mobilenet_v3_small")
     x, _ = _data(4)
