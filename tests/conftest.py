@@ -405,3 +405,19 @@ def build(kind: str, dtype=torch.float64, seed: int = 0):
     if kind == "mlp":
         return make_mlp(seed, dtype), make_data(45, "vec", dtype), MLP_OUT, MLP_PARAMS
     return make_cnn(seed, dtype), make_data(45, "img", dtype), CNN_OUT, CNN_PARAMS
+
+
+def fit_briefly(model, x, y, task="classification", steps=80):
+    """A few Adam steps so that predictions depend on the hidden units (then eval mode)."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y) if task == "classification" else F.l1_loss(out, y)
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()

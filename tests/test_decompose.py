@@ -7,26 +7,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
+from conftest import fit_briefly
 from neuslice.decomposition.modules import head_name
 
 torch.set_num_threads(1)
 
 
-def _fit(model, x, y, task="classification", steps=80):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out, y) if task == "classification" else F.l1_loss(out, y)
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 def _classifier(seed=0, n=240):
@@ -35,7 +25,7 @@ def _classifier(seed=0, n=240):
     y = x[:, :3].argmax(1)
     model = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
                           nn.Linear(16, 3))
-    return _fit(model, x, y), DataLoader(TensorDataset(x, y), batch_size=60), x, y
+    return fit_briefly(model, x, y), DataLoader(TensorDataset(x, y), batch_size=60), x, y
 
 
 def _cnn(seed=0, n=120):
@@ -46,7 +36,7 @@ def _cnn(seed=0, n=120):
                           nn.Conv2d(12, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12),
                           nn.ReLU(), nn.Flatten(), nn.Linear(12 * 9, 16), nn.ReLU(),
                           nn.Linear(16, 4))
-    model = _fit(model, x, y, steps=40)
+    model = fit_briefly(model, x, y, steps=40)
     with torch.no_grad():  # non-trivial running statistics
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -147,7 +137,7 @@ def test_regression_modules():
     torch.manual_seed(1)
     x = torch.randn(200, 4)
     y = torch.stack([x[:, 0] + x[:, 1], (x[:, 2] * x[:, 3]), x[:, 0].abs()], 1)
-    model = _fit(nn.Sequential(nn.Linear(4, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+    model = fit_briefly(nn.Sequential(nn.Linear(4, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
                                nn.Linear(24, 3)), x, y, "regression", steps=150)
     loader = DataLoader(TensorDataset(x, y), batch_size=50)
     mods = neuslice.decompose(model, loader, task="regression", cluster_size=4, head_epochs=2,
@@ -162,7 +152,7 @@ def test_regression_modules():
     assert math.isfinite(res["original_mae"]) and res["original_mae"] > 0
     assert [m[-1].out_features for m in mods] == [1, 1, 1]
     # a single output: one module, no pair to overlap
-    one = _fit(nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 1)), x, y[:, :1],
+    one = fit_briefly(nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 1)), x, y[:, :1],
                "regression", steps=30)
     single = neuslice.decompose(one, DataLoader(TensorDataset(x, y[:, 0]), batch_size=50),
                                 task="regression", cluster_size=4, head_epochs=1,

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
+from conftest import fit_briefly
 from neuslice.decomposition.clustering import cluster_layer, cluster_units, unit_features
 from neuslice.decomposition.incite import reference_mutation_scores
 
@@ -57,17 +58,7 @@ def bn_cnn(outputs=K):
 
 
 def _fit(model, x, y, task, steps=60):
-    """A few Adam steps so that predictions depend on the hidden units (then eval mode)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out, y) if task == "classification" else F.l1_loss(out, y)
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fit_briefly(model, x, y, task, steps)
 
 
 def _data(kind, task, n=90, seed=0):

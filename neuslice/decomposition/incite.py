@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .._utils.checks import model_device
+from .._utils.checks import batch_pair, model_device
 from .._utils.hooks import hooks_at, module_modes
 from .._utils.progress import progress as progress_bar
 from ..layers import SlicedLayer, find_layers
@@ -122,18 +122,8 @@ def check_clusters(clusters, layers: list[SlicedLayer]) -> dict[str, torch.Tenso
 
 
 def split_batch(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(f"the loader must yield (inputs, targets) pairs; batch {index} is "
-                        f"{type(batch).__name__}. Wrap the data in a TensorDataset(inputs, "
-                        f"targets).")
-    x, y = batch[0], batch[1]
-    if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise TypeError(f"batch {index}: inputs and targets must be tensors, got "
-                        f"{type(x).__name__} and {type(y).__name__}")
-    if x.dim() == 0 or y.dim() == 0 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"batch {index}: inputs {tuple(x.shape)} and targets "
-                         f"{tuple(y.shape)} must have the same batch size")
-    return x, y
+    """``(inputs, targets)`` of batch ``index``."""
+    return batch_pair(batch, index, "targets")
 
 
 def check_outputs(out, y: torch.Tensor, task: str, index: int) -> torch.Tensor:

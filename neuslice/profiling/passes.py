@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._utils.checks import batch_pair
 from .._utils.hooks import hooks_at
 from .._utils.numerics import accumulation_dtype
 from .deeplift import rescale_rule
@@ -16,14 +17,8 @@ from .stats import ACC
 
 
 def split_batch(batch, num_classes: int, index: int):
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            f"the loader must yield (inputs, labels) pairs; batch {index} is "
-            f"{type(batch).__name__}. Wrap your data in a TensorDataset(inputs, labels).")
-    x, y = batch[0], batch[1]
-    if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise TypeError(f"batch {index}: inputs and labels must be tensors, got "
-                        f"{type(x).__name__} and {type(y).__name__}.")
+    """``(inputs, labels)`` of batch ``index``, the labels checked as class indices."""
+    x, y = batch_pair(batch, index, "labels")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or \
             y.shape[0] != x.shape[0]:
         raise ValueError(
