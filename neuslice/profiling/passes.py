@@ -54,6 +54,8 @@ def check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
 
 
 def check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
+    """ValueError if ``values`` holds NaN/Inf. A sum is finite only if every term is (NaN and
+    Inf propagate), so callers may pass sums over positions instead of every value."""
     if not torch.isfinite(values).all():
         raise ValueError(
             f"layer {layer.name!r} produced NaN/Inf {what}; check the model's weights and the "
@@ -156,8 +158,9 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
             raise RuntimeError(f"layer {l.name!r} was not executed by the model's forward pass.")
         a = neuron_values(l, h)
         a = a.to(accumulation_dtype(a))
-        check_finite(l, a, "outputs")
-        st.moments.update(a.mean(dim=2), y)
+        per_sample = a.mean(dim=2)
+        check_finite(l, per_sample, "outputs")  # the means are finite iff every value is
+        st.moments.update(per_sample, y)
         if cfg.hsic:
             st.update_hsic(a, y)
     if want_taylor:
