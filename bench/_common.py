@@ -14,17 +14,26 @@ import torch
 def environment() -> dict:
     """Device, versions, date and commit, attached to every saved row."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
         device = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-    return {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def save_rows(name: str, rows: list[dict], env: dict, folder: str) -> str:

@@ -30,33 +30,66 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, train, _ = cached_model("cnn", "mnist5k", seed=0, device=device)
     loader = make_loader(train, 256)
-    print(f"# autocast vs float32 on {env['device']} (torch {env['torch']}), SmallCNN, "
-          f"{len(train)} MNIST-5k images")
+    print(
+        f"# autocast vs float32 on {env['device']} (torch {env['torch']}), SmallCNN, "
+        f"{len(train)} MNIST-5k images"
+    )
     runs = {}
-    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+    for name, dtype in (
+        ("float32", None),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+    ):
         t = time.perf_counter()
         runs[name] = neuslice.profile(model, loader, 10, autocast=dtype, progress=False)
         runs[name].timings["wall"] = time.perf_counter() - t
     ref = runs["float32"]
-    print(f"{'precision':<9} {'time s':>7} " + " ".join(f"{m:>9}" for m in neuslice.METRICS) +
-          f" {'curve dev':>9} {'slice diff':>10}")
+    print(
+        f"{'precision':<9} {'time s':>7} "
+        + " ".join(f"{m:>9}" for m in neuslice.METRICS)
+        + f" {'curve dev':>9} {'slice diff':>10}"
+    )
     rows = []
     for name, prof in runs.items():
         errs = {}
         for metric in neuslice.METRICS:
-            errs[metric] = max(float((prof.scores(l, metric) - ref.scores(l, metric)).norm() /
-                                     ref.scores(l, metric).norm()) for l in ref.layers)
-        dev = max(float((prof.curve(l, "taylor", c) - ref.curve(l, "taylor", c)).abs().max())
-                  for l in ref.layers for c in range(10))
+            errs[metric] = max(
+                float(
+                    (prof.scores(l, metric) - ref.scores(l, metric)).norm()
+                    / ref.scores(l, metric).norm()
+                )
+                for l in ref.layers
+            )
+        dev = max(
+            float((prof.curve(l, "taylor", c) - ref.curve(l, "taylor", c)).abs().max())
+            for l in ref.layers
+            for c in range(10)
+        )
         diff = 0
         for metric in ("taylor", "deeplift"):
-            a, b = neuslice.semantic_slice(prof, metric, 0.95), neuslice.semantic_slice(ref, metric, 0.95)
+            a, b = (
+                neuslice.semantic_slice(prof, metric, 0.95),
+                neuslice.semantic_slice(ref, metric, 0.95),
+            )
             diff += sum(int((a.masks[k] ^ b.masks[k]).sum()) for k in a.masks)
-        rows.append({"precision": name, "seconds": prof.timings["wall"], "rel_err": errs,
-                     "curve_dev": dev, "slice_diff_neurons": diff})
-        print(f"{name:<9} {prof.timings['wall']:7.2f} " +
-              " ".join(f"{errs[m]:9.2e}" for m in neuslice.METRICS) + f" {dev:9.2e} {diff:10d}")
-    print("saved", save_rows("autocast", rows, env, os.path.join(os.path.dirname(__file__), "results")))
+        rows.append(
+            {
+                "precision": name,
+                "seconds": prof.timings["wall"],
+                "rel_err": errs,
+                "curve_dev": dev,
+                "slice_diff_neurons": diff,
+            }
+        )
+        print(
+            f"{name:<9} {prof.timings['wall']:7.2f} "
+            + " ".join(f"{errs[m]:9.2e}" for m in neuslice.METRICS)
+            + f" {dev:9.2e} {diff:10d}"
+        )
+    print(
+        "saved",
+        save_rows("autocast", rows, env, os.path.join(os.path.dirname(__file__), "results")),
+    )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,17 @@ class Shape:
 
 
 SHAPES = (
-    Shape("vgg16-cifar", "conv1_2", 64, 32), Shape("vgg16-cifar", "conv3_3", 256, 8),
-    Shape("vgg16-cifar", "conv5_3", 512, 2), Shape("vgg16-cifar", "fc", 512, 1),
-    Shape("resnet50-cifar", "layer1", 256, 32), Shape("resnet50-cifar", "layer4", 2048, 4),
-    Shape("vgg16-imagenet", "conv3_3", 256, 56), Shape("vgg16-imagenet", "conv5_3", 512, 14),
+    Shape("vgg16-cifar", "conv1_2", 64, 32),
+    Shape("vgg16-cifar", "conv3_3", 256, 8),
+    Shape("vgg16-cifar", "conv5_3", 512, 2),
+    Shape("vgg16-cifar", "fc", 512, 1),
+    Shape("resnet50-cifar", "layer1", 256, 32),
+    Shape("resnet50-cifar", "layer4", 2048, 4),
+    Shape("vgg16-imagenet", "conv3_3", 256, 56),
+    Shape("vgg16-imagenet", "conv5_3", 512, 14),
     Shape("vgg16-imagenet", "fc7", 4096, 1),
-    Shape("resnet50-imagenet", "layer3", 1024, 14), Shape("resnet50-imagenet", "layer4", 2048, 7),
+    Shape("resnet50-imagenet", "layer3", 1024, 14),
+    Shape("resnet50-imagenet", "layer4", 2048, 7),
 )
 
 
@@ -103,8 +108,9 @@ def peak_extra_memory(fn, device: str, cpu_args: list[str]) -> int | None:
     """Peak memory the op needs beyond its input: the CUDA allocator's peak, or on the CPU the
     growth of the peak resident size of a fresh process that runs the op once."""
     if device != "cuda":
-        out = subprocess.run([sys.executable, "-c", _CPU_PEAK, *cpu_args], capture_output=True,
-                             text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _CPU_PEAK, *cpu_args], capture_output=True, text=True
+        )
         return int(out.stdout.strip()) if out.returncode == 0 else None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -128,8 +134,10 @@ def main() -> None:
     rate = matmul_rate(dev)
     env["matmul_gflops_fp32"] = rate / 1e9
     print(json.dumps(env))
-    print(f"{'model':<18}{'layer':<9}{'d':>5}{'s':>6}{'route':>8}{'backend':>8}{'ms':>10}"
-          f"{'GFLOP/s':>9}{'%mm':>6}{'x torch':>8}{'MiB':>8}{'rel err':>10}")
+    print(
+        f"{'model':<18}{'layer':<9}{'d':>5}{'s':>6}{'route':>8}{'backend':>8}{'ms':>10}"
+        f"{'GFLOP/s':>9}{'%mm':>6}{'x torch':>8}{'MiB':>8}{'rel err':>10}"
+    )
     rows = []
     for shape in SHAPES:
         if args.models and shape.model not in args.models:
@@ -146,25 +154,37 @@ def main() -> None:
                 continue
             if name == "triton" and dev == "cpu":
                 continue  # the CPU interpreter is for correctness only
-            fn = lambda: ops.block_gram_norms(x, route, backend=name)  # noqa: E731
+            fn = lambda x=x, name=name: ops.block_gram_norms(x, route, backend=name)  # noqa: E731
             t = timed(fn, dev, args.repeats)
-            mem = peak_extra_memory(fn, dev, [str(args.n), str(shape.d), str(shape.s), route,
-                                                name, args.dtype])
+            mem = peak_extra_memory(
+                fn, dev, [str(args.n), str(shape.d), str(shape.s), route, name, args.dtype]
+            )
             got = fn().double()
             err = float((got - want).abs().max() / want.abs().max())
             base_t = base_t or t
             f = flops(args.n, shape.d, shape.s, route)
-            row = dict(asdict(shape), s=shape.s, n=args.n, route=route, backend=name,
-                       seconds=t, gflops=f / t / 1e9, fraction_of_matmul=f / t / rate,
-                       speedup_vs_torch=base_t / t,
-                       peak_mib=None if mem is None else mem / 2**20, rel_err=err,
-                       dtype=args.dtype)
+            row = dict(
+                asdict(shape),
+                s=shape.s,
+                n=args.n,
+                route=route,
+                backend=name,
+                seconds=t,
+                gflops=f / t / 1e9,
+                fraction_of_matmul=f / t / rate,
+                speedup_vs_torch=base_t / t,
+                peak_mib=None if mem is None else mem / 2**20,
+                rel_err=err,
+                dtype=args.dtype,
+            )
             rows.append(row)
-            print(f"{shape.model:<18}{shape.layer:<9}{shape.d:>5}{shape.s:>6}{route:>8}{name:>8}"
-                  f"{1e3 * t:>10.2f}{row['gflops']:>9.1f}{100 * row['fraction_of_matmul']:>5.0f}%"
-                  f"{row['speedup_vs_torch']:>8.2f}"
-                  f"{'-' if mem is None else format(mem / 2**20, '.1f'):>8}{err:>10.1e}",
-                  flush=True)
+            print(
+                f"{shape.model:<18}{shape.layer:<9}{shape.d:>5}{shape.s:>6}{route:>8}{name:>8}"
+                f"{1e3 * t:>10.2f}{row['gflops']:>9.1f}{100 * row['fraction_of_matmul']:>5.0f}%"
+                f"{row['speedup_vs_torch']:>8.2f}"
+                f"{'-' if mem is None else format(mem / 2**20, '.1f'):>8}{err:>10.1e}",
+                flush=True,
+            )
         del x, want
     save_rows(f"build_m_{dev}", rows, env, args.out)
 

@@ -21,8 +21,9 @@ import torch
 from neuslice.ops import reference
 
 DENSE = [(1000, d, 1, "feature") for d in (256, 512, 2048)]
-CONV = [(128, d, s, route) for d in (64, 128, 256) for s in (49, 196)
-        for route in ("feature", "sample")]
+CONV = [
+    (128, d, s, route) for d in (64, 128, 256) for s in (49, 196) for route in ("feature", "sample")
+]
 
 
 def median_time(fn, budget: float) -> tuple[float, int]:
@@ -54,10 +55,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     op = torch.ops.neuslice.block_gram_norms
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}")
-    print(f"{'n':>5} {'d':>5} {'s':>4} {'route':>8} {'torch ms':>10} {'cpp ms':>10} "
-          f"{'speed-up':>9} {'rel diff':>9}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}"
+    )
+    print(
+        f"{'n':>5} {'d':>5} {'s':>4} {'route':>8} {'torch ms':>10} {'cpp ms':>10} "
+        f"{'speed-up':>9} {'rel diff':>9}"
+    )
     shapes = DENSE + CONV
     if args.quick:
         shapes = [sh for sh in shapes if sh[0] * (sh[1] * sh[2]) ** 2 < 5e10]
@@ -69,8 +74,11 @@ def main() -> None:
         diff = ((out - ref).abs().max() / ref.abs().max()).item()
         t_ref, _ = median_time(lambda: reference.block_gram_norms(x, route), args.budget)
         t_cpp, _ = median_time(lambda: op(x, route), args.budget)
-        print(f"{n:>5} {d:>5} {s:>4} {route:>8} {t_ref * 1e3:>10.2f} {t_cpp * 1e3:>10.2f} "
-              f"{t_ref / t_cpp:>8.2f}x {diff:>9.1e}", flush=True)
+        print(
+            f"{n:>5} {d:>5} {s:>4} {route:>8} {t_ref * 1e3:>10.2f} {t_cpp * 1e3:>10.2f} "
+            f"{t_ref / t_cpp:>8.2f}x {diff:>9.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

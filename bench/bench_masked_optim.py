@@ -35,10 +35,16 @@ OPTS = {
 def half_slice(model) -> Slice:
     layers = neuslice.find_layers(model)
     g = torch.Generator().manual_seed(0)
-    masks = {l.name: torch.randperm(l.num_neurons, generator=g) < l.num_neurons // 2
-             for l in layers}
-    return Slice(masks=masks, strategy="random", metric=None,
-                 fingerprint=neuslice.model_fingerprint(model), input_shape=[1, 28, 28])
+    masks = {
+        l.name: torch.randperm(l.num_neurons, generator=g) < l.num_neurons // 2 for l in layers
+    }
+    return Slice(
+        masks=masks,
+        strategy="random",
+        metric=None,
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[1, 28, 28],
+    )
 
 
 def step_time(model, opt, x, y) -> float:
@@ -56,9 +62,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     env = environment()
-    print(f"# MaskedOptimizer step overhead on {env['device']} (torch {env['torch']}, "
-          f"{env['threads']} threads, batch {args.batch}, median of {args.iters})")
-    print(f"{'model':<6} {'optimizer':<6} {'train':<12} {'bare ms':>8} {'masked ms':>9} {'ratio':>6}")
+    print(
+        f"# MaskedOptimizer step overhead on {env['device']} (torch {env['torch']}, "
+        f"{env['threads']} threads, batch {args.batch}, median of {args.iters})"
+    )
+    print(
+        f"{'model':<6} {'optimizer':<6} {'train':<12} {'bare ms':>8} {'masked ms':>9} {'ratio':>6}"
+    )
     rows = []
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, generator=g)
@@ -71,8 +81,9 @@ def main() -> None:
                 masked_model.load_state_dict(bare_model.state_dict())
                 sl = half_slice(masked_model)
                 bare = make(bare_model.parameters())
-                masked = neuslice.MaskedOptimizer(make(masked_model.parameters()), masked_model,
-                                                  sl, train=train)
+                masked = neuslice.MaskedOptimizer(
+                    make(masked_model.parameters()), masked_model, sl, train=train
+                )
                 for _ in range(5):  # warm-up
                     step_time(bare_model, bare, x, y)
                     step_time(masked_model, masked, x, y)
@@ -81,10 +92,21 @@ def main() -> None:
                     tb.append(step_time(bare_model, bare, x, y))
                     tm.append(step_time(masked_model, masked, x, y))
                 b, m = statistics.median(tb), statistics.median(tm)
-                rows.append({"model": name, "optimizer": opt_name, "train": train,
-                             "bare_ms": b * 1e3, "masked_ms": m * 1e3, "ratio": m / b})
-                print(f"{name:<6} {opt_name:<6} {train:<12} {b * 1e3:8.2f} {m * 1e3:9.2f} "
-                      f"{m / b:6.2f}", flush=True)
+                rows.append(
+                    {
+                        "model": name,
+                        "optimizer": opt_name,
+                        "train": train,
+                        "bare_ms": b * 1e3,
+                        "masked_ms": m * 1e3,
+                        "ratio": m / b,
+                    }
+                )
+                print(
+                    f"{name:<6} {opt_name:<6} {train:<12} {b * 1e3:8.2f} {m * 1e3:9.2f} "
+                    f"{m / b:6.2f}",
+                    flush=True,
+                )
     print("saved", save_rows("masked_optim", rows, env, args.out))
 
 

@@ -70,8 +70,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, help="batch size")
     ap.add_argument("--order", default="grouped", choices=["any", "grouped"])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--metrics", default=",".join(neuslice.METRICS),
-                    help="comma-separated metrics")
+    ap.add_argument("--metrics", default=",".join(neuslice.METRICS), help="comma-separated metrics")
     ap.add_argument("--no-hsic", action="store_true", help="profile without HSIC statistics")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,20 +79,26 @@ def main(argv=None):
     y = torch.arange(args.samples) % args.classes
     sampler = CategoryGroupedSampler(y) if args.order == "grouped" else None
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, sampler=sampler)
-    opts = dict(category_order=args.order, metrics=tuple(args.metrics.split(",")),
-                hsic=not args.no_hsic)
+    opts = dict(
+        category_order=args.order, metrics=tuple(args.metrics.split(",")), hsic=not args.no_hsic
+    )
     with PeakRSS() as m:  # from before the model exists: the estimate counts the model too
         model = build(args.model, args.classes)
         neuslice.profile(model, loader, args.classes, progress=False, **opts)
-    est = neuslice.estimate_profile_memory(model, x[:2], args.classes, batch_size=args.batch,
-                                           **opts)
+    est = neuslice.estimate_profile_memory(
+        model, x[:2], args.classes, batch_size=args.batch, **opts
+    )
     print(est.table())
     ratio = est.total / m.growth
-    print(f"\n{args.model} {args.size}px, {args.classes} categories, batch {args.batch}, "
-          f"order {args.order}, metrics {args.metrics}, hsic {not args.no_hsic}, "
-          f"{args.threads} thread(s)")
-    print(f"estimate {est.total / 2**30:.3f} GiB | measured peak growth "
-          f"{m.growth / 2**30:.3f} GiB | estimate / measured {ratio:.2f}")
+    print(
+        f"\n{args.model} {args.size}px, {args.classes} categories, batch {args.batch}, "
+        f"order {args.order}, metrics {args.metrics}, hsic {not args.no_hsic}, "
+        f"{args.threads} thread(s)"
+    )
+    print(
+        f"estimate {est.total / 2**30:.3f} GiB | measured peak growth "
+        f"{m.growth / 2**30:.3f} GiB | estimate / measured {ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def make_batches(shape, n, batch, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)
     y = torch.arange(n) % 10
-    return [(x[i:i + batch].to(device), y[i:i + batch].to(device)) for i in range(0, n, batch)]
+    return [(x[i : i + batch].to(device), y[i : i + batch].to(device)) for i in range(0, n, batch)]
 
 
 def finish_time(repeats: int) -> float:
@@ -96,8 +96,12 @@ def finish_time(repeats: int) -> float:
     from neuslice.profiling.layer_state import LayerState
 
     model = _tv("resnet50")
-    cfg = PassConfig.bind(ProfileConfig(metrics=neuslice.ALL_METRICS, category_order="grouped",
-                                       hsic_route="minibatch"), 10)
+    cfg = PassConfig.bind(
+        ProfileConfig(
+            metrics=neuslice.ALL_METRICS, category_order="grouped", hsic_route="minibatch"
+        ),
+        10,
+    )
     g = torch.Generator().manual_seed(0)
     states = []
     for layer in find_layers(model):
@@ -128,8 +132,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer inputs, 2 repeats")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--size", type=int, default=None,
-                    help="input side for the vgg16/resnet models (default: 32 / 64)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input side for the vgg16/resnet models (default: 32 / 64)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-finish", action="store_true", help="skip the ResNet-50 finish timing")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -138,9 +146,11 @@ def main() -> None:
     repeats = 2 if args.quick and args.repeats == 3 else args.repeats
     device = torch.device(args.device)
     env = environment()
-    print(f"# profiling overhead vs one plain forward+backward epoch on {env['device']} "
-          f"(torch {env['torch']}, {env['threads']} threads, commit {env['commit']}, "
-          f"median of {repeats}{', quick' if args.quick else ''})")
+    print(
+        f"# profiling overhead vs one plain forward+backward epoch on {env['device']} "
+        f"(torch {env['torch']}, {env['threads']} threads, commit {env['commit']}, "
+        f"median of {repeats}{', quick' if args.quick else ''})"
+    )
     cols = "".join(f"{c:>11}" for c in args.configs)
     print(f"{'model':<10}{'inputs':>7}{'batch':>6}{'plain s':>9}{cols}")
     rows = []
@@ -156,21 +166,32 @@ def main() -> None:
         runs = {c: [] for c in ["plain", *args.configs]}
         for r in range(repeats + 1):  # round 0 warms up
             for c in runs:
-                t = plain_epoch(trainer, batches, device) if c == "plain" else \
-                    profile_epoch(model, batches, device, CONFIGS[c])
+                t = (
+                    plain_epoch(trainer, batches, device)
+                    if c == "plain"
+                    else profile_epoch(model, batches, device, CONFIGS[c])
+                )
                 if r:
                     runs[c].append(t)
         med = {c: statistics.median(v) for c, v in runs.items()}
-        row = {"model": name, "inputs": n, "batch": batch, "shape": list(shape),
-               "plain_s": med["plain"], **{f"{c}_x": med[c] / med["plain"] for c in args.configs},
-               "raw": runs}
+        row = {
+            "model": name,
+            "inputs": n,
+            "batch": batch,
+            "shape": list(shape),
+            "plain_s": med["plain"],
+            **{f"{c}_x": med[c] / med["plain"] for c in args.configs},
+            "raw": runs,
+        }
         rows.append(row)
         ratios = "".join(f"{med[c] / med['plain']:>10.2f}x" for c in args.configs)
         print(f"{name:<10}{n:>7}{batch:>6}{med['plain']:>9.3f}{ratios}", flush=True)
     if not args.no_finish:
         t, n_layers = finish_time(max(repeats, 3))
-        print(f"finishing one category of ResNet-50 ({n_layers} layers, curves of "
-              f"{len(neuslice.ALL_METRICS)} metrics): {t:.3f} s")
+        print(
+            f"finishing one category of ResNet-50 ({n_layers} layers, curves of "
+            f"{len(neuslice.ALL_METRICS)} metrics): {t:.3f} s"
+        )
         rows.append({"finish_resnet50_s": t, "layers": n_layers})
     print("saved", save_rows("overhead" + ("_quick" if args.quick else ""), rows, env, args.out))
 

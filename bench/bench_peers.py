@@ -40,8 +40,10 @@ def main() -> None:
         raise SystemExit("this benchmark needs ckatorch: pip install ckatorch")
     env = environment()
     print(json.dumps(env))
-    print(f"{'n':>5} {'d':>5} {'step':>4} {'neuslice s':>11} {'ckatorch s':>11} {'mode':>7} "
-          f"{'ratio':>8} {'max |diff|':>11}")
+    print(
+        f"{'n':>5} {'d':>5} {'step':>4} {'neuslice s':>11} {'ckatorch s':>11} {'mode':>7} "
+        f"{'ratio':>8} {'max |diff|':>11}"
+    )
     rows = []
     for n in args.n:
         for d in args.d:
@@ -52,9 +54,11 @@ def main() -> None:
                 if sizes[-1] != d:
                     sizes.append(d)
                 ours_s = median_time(
-                    lambda: cka.prefix_curve(cka.neuron_hsic(x, route="feature"), order), 3)
-                ours = cka.prefix_curve(cka.neuron_hsic(x.double(), route="feature"),
-                                        order)[torch.tensor(sizes) - 1]
+                    lambda: cka.prefix_curve(cka.neuron_hsic(x, route="feature"), order), 3
+                )
+                ours = cka.prefix_curve(cka.neuron_hsic(x.double(), route="feature"), order)[
+                    torch.tensor(sizes) - 1
+                ]
                 probe = sizes[:: max(1, len(sizes) // 8)]
                 t0 = time.perf_counter()
                 theirs = {k: float(cka_base(x[:, order[:k]], x)) for k in probe}
@@ -66,12 +70,22 @@ def main() -> None:
                     theirs = {k: float(cka_base(x[:, order[:k]], x)) for k in sizes}
                     estimate, mode = time.perf_counter() - t0, "full"
                 diff = max(abs(theirs[k] - float(ours[sizes.index(k)])) for k in theirs)
-                row = {"n": n, "d": d, "step": step, "neuslice_s": ours_s,
-                       "ckatorch_s": estimate, "mode": mode, "ratio": estimate / ours_s,
-                       "max_abs_diff": diff}
+                row = {
+                    "n": n,
+                    "d": d,
+                    "step": step,
+                    "neuslice_s": ours_s,
+                    "ckatorch_s": estimate,
+                    "mode": mode,
+                    "ratio": estimate / ours_s,
+                    "max_abs_diff": diff,
+                }
                 rows.append(row)
-                print(f"{n:>5} {d:>5} {step:>4} {ours_s:>11.4f} {estimate:>11.2f} {mode:>7} "
-                      f"{row['ratio']:>8.0f} {diff:>11.2e}", flush=True)
+                print(
+                    f"{n:>5} {d:>5} {step:>4} {ours_s:>11.4f} {estimate:>11.2f} {mode:>7} "
+                    f"{row['ratio']:>8.0f} {diff:>11.2e}",
+                    flush=True,
+                )
     save_rows("peers", rows, env, args.out)
 
 

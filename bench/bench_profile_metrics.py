@@ -41,9 +41,11 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         rows.append((name, statistics.median(times)))
     floor = min(t for _, t in rows)
-    print(f"{args.model.upper()} on MNIST-5k ({len(train)} images, batch {args.batch_size}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-          f"{args.repeats}")
+    print(
+        f"{args.model.upper()} on MNIST-5k ({len(train)} images, batch {args.batch_size}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}"
+    )
     print(f"{'pass':<22}{'seconds':>10}{'images/s':>11}{'x cheapest':>12}")
     for name, t in rows:
         print(f"{name:<22}{t:>10.3f}{len(train) / t:>11.0f}{t / floor:>12.2f}")

@@ -33,7 +33,7 @@ from _common import environment, save_rows  # noqa: E402
 import neuslice  # noqa: E402
 from neuslice.experiments import zoo  # noqa: E402
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def _peak_rss() -> int:
@@ -49,7 +49,7 @@ def _batches(n, per_cat, size, batch, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) // per_cat
     for i in range(0, n, batch):
-        y = labels[i:i + batch]
+        y = labels[i : i + batch]
         x = torch.randn(y.numel(), 3, size, size, generator=g)
         yield x.to(device), y.to(device)
 
@@ -59,34 +59,55 @@ def run_one(cfg: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
     model = zoo.build(cfg["model"], cfg["classes"]).to(device).eval()
-    opts = dict(category_order="grouped", cka_batch=cfg["cka_batch"], progress=False,
-                max_memory_gb=cfg["budget"])
+    opts = dict(
+        category_order="grouped",
+        cka_batch=cfg["cka_batch"],
+        progress=False,
+        max_memory_gb=cfg["budget"],
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    prof = neuslice.profile(model, _batches(cfg["images"], cfg["per_cat"], cfg["size"],
-                                            cfg["batch"], device), cfg["classes"], **opts)
+    prof = neuslice.profile(
+        model,
+        _batches(cfg["images"], cfg["per_cat"], cfg["size"], cfg["batch"], device),
+        cfg["classes"],
+        **opts,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     sl = neuslice.semantic_slice(prof, "taylor", 0.95)
     t2 = time.perf_counter()
     est = neuslice.estimate_profile_memory(
-        model, torch.zeros(1, 3, cfg["size"], cfg["size"], device=device), cfg["classes"],
-        category_order="grouped", cka_batch=cfg["cka_batch"], batch_size=cfg["batch"])
-    return {**cfg, "profile_s": t1 - t0, "images_per_s": cfg["images"] / (t1 - t0),
-            "slice_all_s": t2 - t1, "finish_categories_s": prof.timings.get("hsic_finalize", 0.0),
-            "peak_host_gib": _peak_rss() / GiB,
-            "peak_device_gib": (torch.cuda.max_memory_allocated() / GiB
-                                if device.type == "cuda" else 0.0),
-            "estimate_gib": est.total / GiB, "kept": sum(sl.kept().values()),
-            "categories_present": int((prof.counts() > 0).sum())}
+        model,
+        torch.zeros(1, 3, cfg["size"], cfg["size"], device=device),
+        cfg["classes"],
+        category_order="grouped",
+        cka_batch=cfg["cka_batch"],
+        batch_size=cfg["batch"],
+    )
+    return {
+        **cfg,
+        "profile_s": t1 - t0,
+        "images_per_s": cfg["images"] / (t1 - t0),
+        "slice_all_s": t2 - t1,
+        "finish_categories_s": prof.timings.get("hsic_finalize", 0.0),
+        "peak_host_gib": _peak_rss() / GiB,
+        "peak_device_gib": (
+            torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else 0.0
+        ),
+        "estimate_gib": est.total / GiB,
+        "kept": sum(sl.kept().values()),
+        "categories_present": int((prof.counts() > 0).sum()),
+    }
 
 
 def _subprocess(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -112,40 +133,64 @@ def main() -> None:
         return
     env = environment()
     print(f"# scale benchmark on {env['device']} (torch {env['torch']}, commit {env['commit']})")
-    base = dict(size=args.size, per_cat=args.per_cat, batch=args.batch,
-                cka_batch=args.cka_batch, budget=args.budget, device=args.device)
+    base = dict(
+        size=args.size,
+        per_cat=args.per_cat,
+        batch=args.batch,
+        cka_batch=args.cka_batch,
+        budget=args.budget,
+        device=args.device,
+    )
     rows = []
-    header = (f"{'model':<9} {'sweep':<10} {'images':>6} {'classes':>7} {'img/s':>7} "
-              f"{'profile s':>9} {'finish s':>8} {'slice s':>7} {'host GiB':>8} {'dev GiB':>7} "
-              f"{'est GiB':>7}")
+    header = (
+        f"{'model':<9} {'sweep':<10} {'images':>6} {'classes':>7} {'img/s':>7} "
+        f"{'profile s':>9} {'finish s':>8} {'slice s':>7} {'host GiB':>8} {'dev GiB':>7} "
+        f"{'est GiB':>7}"
+    )
     print(header)
     for model in args.models:
-        plan = ([("images", n, max(args.classes)) for n in args.images] +
-                [("classes", min(args.images), c) for c in args.classes[:-1]])
+        plan = [("images", n, max(args.classes)) for n in args.images] + [
+            ("classes", min(args.images), c) for c in args.classes[:-1]
+        ]
         for sweep, n, c in plan:
             r = _subprocess({**base, "model": model, "images": n, "classes": c})
             r["sweep"] = sweep
             rows.append(r)
-            print(f"{model:<9} {sweep:<10} {n:>6} {c:>7} {r['images_per_s']:7.2f} "
-                  f"{r['profile_s']:9.1f} {r['finish_categories_s']:8.2f} {r['slice_all_s']:7.2f} "
-                  f"{r['peak_host_gib']:8.2f} {r['peak_device_gib']:7.2f} {r['estimate_gib']:7.2f}",
-                  flush=True)
+            print(
+                f"{model:<9} {sweep:<10} {n:>6} {c:>7} {r['images_per_s']:7.2f} "
+                f"{r['profile_s']:9.1f} {r['finish_categories_s']:8.2f} {r['slice_all_s']:7.2f} "
+                f"{r['peak_host_gib']:8.2f} {r['peak_device_gib']:7.2f} {r['estimate_gib']:7.2f}",
+                flush=True,
+            )
         pts = [r for r in rows if r["model"] == model and r["sweep"] == "images"]
         for a, b in zip(pts, pts[1:]):
-            print(f"  {model}: images x{b['images'] / a['images']:.0f} -> time "
-                  f"x{b['profile_s'] / a['profile_s']:.2f}, host memory "
-                  f"x{b['peak_host_gib'] / a['peak_host_gib']:.2f}")
+            print(
+                f"  {model}: images x{b['images'] / a['images']:.0f} -> time "
+                f"x{b['profile_s'] / a['profile_s']:.2f}, host memory "
+                f"x{b['peak_host_gib'] / a['peak_host_gib']:.2f}"
+            )
     print("\n# up-front memory bound, full scale (224x224, 1000 classes, batch 64, grouped):")
     for model in args.models:
         m = zoo.build(model, 1000).eval()
         for cka_batch in (128, 32):
-            est = neuslice.estimate_profile_memory(m, torch.zeros(1, 3, 224, 224), 1000,
-                                                   category_order="grouped", batch_size=64,
-                                                   cka_batch=cka_batch)
+            est = neuslice.estimate_profile_memory(
+                m,
+                torch.zeros(1, 3, 224, 224),
+                1000,
+                category_order="grouped",
+                batch_size=64,
+                cka_batch=cka_batch,
+            )
             print(f"{model} cka_batch={cka_batch}: {est.table(3)}")
-            rows.append({"model": model, "sweep": "bound", "cka_batch": cka_batch,
-                         "estimate_gib": est.total / GiB,
-                         "parts_gib": {k: v / GiB for k, v in est.parts.items()}})
+            rows.append(
+                {
+                    "model": model,
+                    "sweep": "bound",
+                    "cka_batch": cka_batch,
+                    "estimate_gib": est.total / GiB,
+                    "parts_gib": {k: v / GiB for k, v in est.parts.items()},
+                }
+            )
     print("saved", save_rows("scale", rows, env, args.out))
 
 

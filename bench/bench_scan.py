@@ -130,8 +130,18 @@ def run(cfg: Config, budget: float, repeats: int) -> Row:
                 _, v = cka.naive_curve(x, order[:k], step=k)
                 same &= abs(float(v[-1]) - float(full[k - 1])) < 1e-10
         mode = "extrap/spot"
-    return Row(cfg.n, cfg.d, cfg.step, floor, prefix_s, naive_s, mode, naive_s / prefix_s,
-               prefix_s / floor, bool(same))
+    return Row(
+        cfg.n,
+        cfg.d,
+        cfg.step,
+        floor,
+        prefix_s,
+        naive_s,
+        mode,
+        naive_s / prefix_s,
+        prefix_s / floor,
+        bool(same),
+    )
 
 
 def main() -> None:
@@ -144,8 +154,10 @@ def main() -> None:
     args = ap.parse_args()
     env = environment()
     print(json.dumps(env))
-    head = (f"{'n':>5} {'d':>5} {'step':>4} {'floor s':>9} {'prefix s':>9} {'naive s':>10} "
-            f"{'naive':>11} {'naive/prefix':>12} {'prefix/floor':>12} {'same':>5}")
+    head = (
+        f"{'n':>5} {'d':>5} {'step':>4} {'floor s':>9} {'prefix s':>9} {'naive s':>10} "
+        f"{'naive':>11} {'naive/prefix':>12} {'prefix/floor':>12} {'same':>5}"
+    )
     print(head)
     rows = []
     for n in args.n:
@@ -153,9 +165,12 @@ def main() -> None:
             for step in sorted({1, max(1, math.ceil(d / 100))}):
                 r = run(Config(n, d, step), args.budget, args.repeats)
                 rows.append(r)
-                print(f"{r.n:>5} {r.d:>5} {r.step:>4} {r.floor_s:>9.4f} {r.prefix_s:>9.4f} "
-                      f"{r.naive_s:>10.2f} {r.naive_mode:>11} {r.speedup:>12.0f} "
-                      f"{r.prefix_over_floor:>12.2f} {str(r.same_prefix):>5}", flush=True)
+                print(
+                    f"{r.n:>5} {r.d:>5} {r.step:>4} {r.floor_s:>9.4f} {r.prefix_s:>9.4f} "
+                    f"{r.naive_s:>10.2f} {r.naive_mode:>11} {r.speedup:>12.0f} "
+                    f"{r.prefix_over_floor:>12.2f} {str(r.same_prefix):>5}",
+                    flush=True,
+                )
                 if not r.same_prefix:
                     raise SystemExit(f"selected prefixes differ for {r}")
     save_rows("scan", [asdict(r) for r in rows], env, args.out)

@@ -41,9 +41,12 @@ def main() -> None:
     n = 10 * per_class
     x = torch.randn(n, 3, 32, 32)
     y = torch.arange(10).repeat_interleave(per_class)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
-                                         batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     env = environment()
     print(json.dumps(env))
     t0 = time.perf_counter()
@@ -56,12 +59,22 @@ def main() -> None:
         kept[metric] = sum(sl.kept().values())
     t_slice = time.perf_counter() - t0
     scale = 1000 / per_class
-    row = {"device": args.device, "images": n, "profile_s": t_profile, "slice_s": t_slice,
-           "images_per_s": n / t_profile, "timings": prof.timings, "routes": prof.hsic_routes,
-           "kept_neurons": kept, "extrapolated_10x1000_s": t_profile * scale + t_slice}
+    row = {
+        "device": args.device,
+        "images": n,
+        "profile_s": t_profile,
+        "slice_s": t_slice,
+        "images_per_s": n / t_profile,
+        "timings": prof.timings,
+        "routes": prof.hsic_routes,
+        "kept_neurons": kept,
+        "extrapolated_10x1000_s": t_profile * scale + t_slice,
+    }
     print(f"VGG-16, {n} images (10 x {per_class}), all metrics + HSIC on {args.device}")
-    print(f"  profile: {t_profile:.1f}s ({n / t_profile:.0f} images/s; forward+Taylor "
-          f"{prof.timings['forward']:.1f}s, DeepLIFT {prof.timings['deeplift']:.1f}s)")
+    print(
+        f"  profile: {t_profile:.1f}s ({n / t_profile:.0f} images/s; forward+Taylor "
+        f"{prof.timings['forward']:.1f}s, DeepLIFT {prof.timings['deeplift']:.1f}s)"
+    )
     print(f"  semantic slices, 5 metrics x 14 layers x 10 categories: {t_slice:.2f}s")
     if per_class != 1000:
         print(f"  extrapolated to 10 x 1000 images: {row['extrapolated_10x1000_s']:.0f}s")

@@ -26,13 +26,18 @@ from neuslice.experiments.models import MLP
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grouped", action="store_true", help="category-grouped order (bounded HSIC memory)")
+    ap.add_argument(
+        "--grouped", action="store_true", help="category-grouped order (bounded HSIC memory)"
+    )
     ap.add_argument("--checkpoint", default=None, help="checkpoint path (every 5 batches)")
     ap.add_argument("--resume", action="store_true", help="resume from --checkpoint")
     ap.add_argument("--threshold", type=float, default=0.95)
-    ap.add_argument("--metric", default="deeplift",
-                    help="deeplift/avg/var/ens are sums over samples: identical for any number of "
-                         "ranks; taylor is defined per batch, so it follows the ranks' batches")
+    ap.add_argument(
+        "--metric",
+        default="deeplift",
+        help="deeplift/avg/var/ens are sums over samples: identical for any number of "
+        "ranks; taylor is defined per batch, so it follows the ranks' batches",
+    )
     args = ap.parse_args()
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -42,18 +47,31 @@ def main() -> None:
     model = MLP().eval()  # untrained weights are enough to show the mechanics
     train, _ = load_mnist5k()
     labels = train.tensors[1]
-    sampler = (CategoryGroupedSampler(labels) if args.grouped else
-               DistributedSampler(train, shuffle=False) if distributed else None)
+    sampler = (
+        CategoryGroupedSampler(labels)
+        if args.grouped
+        else DistributedSampler(train, shuffle=False)
+        if distributed
+        else None
+    )
     loader = DataLoader(train, batch_size=128, sampler=sampler)
     prof = neuslice.profile(
-        model, loader, 10, category_order="grouped" if args.grouped else "any",
-        checkpoint=args.checkpoint, checkpoint_every=5,
-        resume=args.checkpoint if args.resume else None, progress=rank == 0)
+        model,
+        loader,
+        10,
+        category_order="grouped" if args.grouped else "any",
+        checkpoint=args.checkpoint,
+        checkpoint_every=5,
+        resume=args.checkpoint if args.resume else None,
+        progress=rank == 0,
+    )
     sl = neuslice.semantic_slice(prof, args.metric, args.threshold)
     if rank == 0:
         n = int(prof.counts().sum())
-        print(f"profiled {n} images on {dist.get_world_size() if distributed else 1} process(es); "
-              f"{sl}; compression rate {sl.compression_rate(model):.1%}")
+        print(
+            f"profiled {n} images on {dist.get_world_size() if distributed else 1} process(es); "
+            f"{sl}; compression rate {sl.compression_rate(model):.1%}"
+        )
     if distributed:
         dist.destroy_process_group()
 

@@ -32,8 +32,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _store_symmetric(out_ptr, tile, ti, tj, d, so0, so1, scale,
-                     ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_symmetric(
+    out_ptr, tile, ti, tj, d, so0, so1, scale, ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Write (or add) ``scale * tile`` at block ``(ti, tj)`` of ``out`` and its transpose at
     ``(tj, ti)``; diagonal blocks are written once."""
     offs_i = (ti * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -53,9 +54,23 @@ def _store_symmetric(out_ptr, tile, ti, tj, d, so0, so1, scale,
 
 
 @triton.jit
-def _feature_kernel(x_ptr, out_ptr, n, d, s, sxn, sxd, sxs, so0, so1, scale,
-                    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _feature_kernel(
+    x_ptr,
+    out_ptr,
+    n,
+    d,
+    s,
+    sxn,
+    sxd,
+    sxs,
+    so0,
+    so1,
+    scale,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Fused feature route: tile ``(I, J)`` of ``M``; grid ``(T, T)``, ``T = cdiv(d, BLOCK_D)``."""
     ti = tl.program_id(0)
     tj = tl.program_id(1)
@@ -91,8 +106,18 @@ def _feature_kernel(x_ptr, out_ptr, n, d, s, sxn, sxd, sxs, so0, so1, scale,
 
 
 @triton.jit
-def _gram_kernel(x_ptr, g_ptr, n, s, sxn, sxd, sxs,
-                 UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+def _gram_kernel(
+    x_ptr,
+    g_ptr,
+    n,
+    s,
+    sxn,
+    sxd,
+    sxs,
+    UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Sample route, stage 1: tile ``(P, Q)`` of ``G[i] = x_i x_iᵀ``; grid ``(T, T, d)``."""
     tp = tl.program_id(0)
     tq = tl.program_id(1)
@@ -120,8 +145,19 @@ def _gram_kernel(x_ptr, g_ptr, n, s, sxn, sxd, sxs,
 
 
 @triton.jit
-def _vvt_kernel(v_ptr, out_ptr, d, k, svd, so0, so1, scale,
-                ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _vvt_kernel(
+    v_ptr,
+    out_ptr,
+    d,
+    k,
+    svd,
+    so0,
+    so1,
+    scale,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Sample route, stage 2: tile ``(I, J)`` of ``V Vᵀ`` for a row-major ``V`` of ``(d, k)``."""
     ti = tl.program_id(0)
     tj = tl.program_id(1)
@@ -154,11 +190,14 @@ def _block(size: int, cap: int) -> int:
 
 def _check(x: torch.Tensor, route: str) -> None:
     if not torch.is_tensor(x) or x.dim() != 3 or 0 in x.shape:
-        raise ValueError(f"x must be a tensor of shape (n, d, s) with no empty dimension, got "
-                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        raise ValueError(
+            f"x must be a tensor of shape (n, d, s) with no empty dimension, got "
+            f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}"
+        )
     if x.dtype not in DTYPES:
-        raise TypeError(f"triton block_gram_norms supports {[str(t) for t in DTYPES]}, "
-                        f"got {x.dtype}")
+        raise TypeError(
+            f"triton block_gram_norms supports {[str(t) for t in DTYPES]}, got {x.dtype}"
+        )
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES} (resolve 'auto' first), got {route!r}")
 
@@ -175,18 +214,41 @@ def _launch(out: torch.Tensor, x: torch.Tensor, route: str, scale: float, accumu
     warps = 8 if blk_d == 64 else 4  # the feature kernel holds three (BLOCK_D, BLOCK_D) fp32 tiles
     grid = (triton.cdiv(d, blk_d), triton.cdiv(d, blk_d))
     if route == "feature":
-        _feature_kernel[grid](x, out, n, d, s, *x.stride(), *out.stride(), float(scale),
-                              ACCUMULATE=accumulate, UPCAST=upcast,
-                              BLOCK_D=blk_d, BLOCK_N=_block(n, 64), num_warps=warps)
+        _feature_kernel[grid](
+            x,
+            out,
+            n,
+            d,
+            s,
+            *x.stride(),
+            *out.stride(),
+            float(scale),
+            ACCUMULATE=accumulate,
+            UPCAST=upcast,
+            BLOCK_D=blk_d,
+            BLOCK_N=_block(n, 64),
+            num_warps=warps,
+        )
         return
     blk_p = _block(n, 64)
     g = torch.empty((d, n, n), device=x.device, dtype=torch.float32)
     tp = triton.cdiv(n, blk_p)
-    _gram_kernel[(tp, tp, d)](x, g, n, s, *x.stride(), UPCAST=upcast,
-                              BLOCK_P=blk_p, BLOCK_S=_block(s, 64))
-    _vvt_kernel[grid](g, out, d, n * n, n * n, *out.stride(), float(scale),
-                      ACCUMULATE=accumulate, BLOCK_D=blk_d, BLOCK_K=_block(n * n, 64),
-                      num_warps=warps)
+    _gram_kernel[(tp, tp, d)](
+        x, g, n, s, *x.stride(), UPCAST=upcast, BLOCK_P=blk_p, BLOCK_S=_block(s, 64)
+    )
+    _vvt_kernel[grid](
+        g,
+        out,
+        d,
+        n * n,
+        n * n,
+        *out.stride(),
+        float(scale),
+        ACCUMULATE=accumulate,
+        BLOCK_D=blk_d,
+        BLOCK_K=_block(n * n, 64),
+        num_warps=warps,
+    )
 
 
 def block_gram_norms(x: torch.Tensor, route: str) -> torch.Tensor:
@@ -200,15 +262,18 @@ def block_gram_norms(x: torch.Tensor, route: str) -> torch.Tensor:
     return out
 
 
-def accumulate_into(out: torch.Tensor, x: torch.Tensor, route: str,
-                    scale: float = 1.0) -> torch.Tensor:
+def accumulate_into(
+    out: torch.Tensor, x: torch.Tensor, route: str, scale: float = 1.0
+) -> torch.Tensor:
     """``out += scale * block_gram_norms(x, route)`` in the kernel epilogue (no ``(d, d)``
     temporary); ``out`` is a float32 ``(d, d)`` tensor on ``x``'s device. Returns ``out``."""
     _check(x, route)
     d = x.shape[1]
     if not torch.is_tensor(out) or out.shape != (d, d) or out.dtype != torch.float32:
-        raise ValueError(f"out must be a float32 tensor of shape ({d}, {d}), got "
-                         f"{getattr(out, 'dtype', None)} {tuple(getattr(out, 'shape', ()))}")
+        raise ValueError(
+            f"out must be a float32 tensor of shape ({d}, {d}), got "
+            f"{getattr(out, 'dtype', None)} {tuple(getattr(out, 'shape', ()))}"
+        )
     if out.device != x.device:
         raise ValueError(f"out is on {out.device}, x on {x.device}")
     with _on_device(x):

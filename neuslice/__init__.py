@@ -29,11 +29,29 @@ from .decomposition.modules import Modules, decompose
 __version__ = "0.1.0"
 
 __all__ = [
-    "cka", "profile", "Profile", "estimate_profile_memory", "METRICS", "ALL_METRICS", "Slice",
-    "global_slice", "categorywise_slice", "semantic_slice", "random_slice", "masked",
-    "restructure", "MaskedOptimizer", "trainable_fraction", "find_layers",
-    "recalibrate_batchnorm", "model_fingerprint", "mutation_scores", "add_mutation_scores",
-    "Modules", "decompose", "__version__",
+    "cka",
+    "profile",
+    "Profile",
+    "estimate_profile_memory",
+    "METRICS",
+    "ALL_METRICS",
+    "Slice",
+    "global_slice",
+    "categorywise_slice",
+    "semantic_slice",
+    "random_slice",
+    "masked",
+    "restructure",
+    "MaskedOptimizer",
+    "trainable_fraction",
+    "find_layers",
+    "recalibrate_batchnorm",
+    "model_fingerprint",
+    "mutation_scores",
+    "add_mutation_scores",
+    "Modules",
+    "decompose",
+    "__version__",
 ]
 
 _deprecated.install(__name__)

@@ -79,9 +79,7 @@ def _as_float(x: Any, name: str) -> torch.Tensor:
 
 def _check_estimator(estimator: Any) -> str:
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(
-            f"estimator must be one of {ESTIMATORS}, got {estimator!r}"
-        )
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return estimator
 
 
@@ -363,13 +361,13 @@ def prefix_curves(M: Any, orders: list) -> list[torch.Tensor]:
         pos = torch.arange(k, device=work)
         earlier = torch.zeros(k, dtype=torch.float64, device=work)
         if c:
-            Fi = torch.cumsum(F[:, start:start + c], dim=1)  # sum of M_ij over blocks <= B
+            Fi = torch.cumsum(F[:, start : start + c], dim=1)  # sum of M_ij over blocks <= B
             blk = (pos // b - 1).clamp(min=0)
             earlier = torch.where(pos >= b, Fi[idx, blk], earlier)
         start += c
         for s in range(0, k, b):
-            ib = idx[s:s + b]
-            earlier[s:s + b] += M64[ib.unsqueeze(1), ib.unsqueeze(0)].triu_(1).sum(0)
+            ib = idx[s : s + b]
+            earlier[s : s + b] += M64[ib.unsqueeze(1), ib.unsqueeze(0)].triu_(1).sum(0)
         self_ = torch.cumsum(earlier.mul_(2).add_(M64.diagonal()[idx]), dim=0)
         cross = torch.cumsum(row[idx], dim=0)
         total = row.sum().expand_as(self_)

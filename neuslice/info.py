@@ -13,9 +13,12 @@ def report() -> str:
     from . import __version__
     from .ops import backend_report
 
-    lines = [f"neuslice {__version__}", f"python {platform.python_version()}",
-             f"torch {torch.__version__} (CUDA build: {torch.version.cuda}, "
-             f"CUDA available: {torch.cuda.is_available()})"]
+    lines = [
+        f"neuslice {__version__}",
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda}, "
+        f"CUDA available: {torch.cuda.is_available()})",
+    ]
     for mod in ("triton", "captum", "mlxtend", "sklearn", "matplotlib", "torchvision"):
         try:
             m = __import__(mod)

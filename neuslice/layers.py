@@ -34,32 +34,81 @@ SLICEABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ACT_TYPES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.PReLU,
 )
 _IDENTITY_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 # Functional element-wise activations that may follow a layer: target -> (fn, in-place kwarg?)
 ACT_FUNCTIONS: dict = {
-    F.relu: torch.relu, torch.relu: torch.relu, torch.relu_: torch.relu,
-    F.relu6: F.relu6, F.leaky_relu: F.leaky_relu, F.elu: F.elu, F.selu: F.selu,
-    F.gelu: F.gelu, F.silu: F.silu, F.mish: F.mish, F.hardswish: F.hardswish,
-    F.hardsigmoid: F.hardsigmoid, F.hardtanh: F.hardtanh, F.softplus: F.softplus,
-    torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh,
+    F.relu: torch.relu,
+    torch.relu: torch.relu,
+    torch.relu_: torch.relu,
+    F.relu6: F.relu6,
+    F.leaky_relu: F.leaky_relu,
+    F.elu: F.elu,
+    F.selu: F.selu,
+    F.gelu: F.gelu,
+    F.silu: F.silu,
+    F.mish: F.mish,
+    F.hardswish: F.hardswish,
+    F.hardsigmoid: F.hardsigmoid,
+    F.hardtanh: F.hardtanh,
+    F.softplus: F.softplus,
+    torch.sigmoid: torch.sigmoid,
+    F.sigmoid: torch.sigmoid,
+    torch.tanh: torch.tanh,
     F.tanh: torch.tanh,
 }
-ACT_METHODS = {"relu": torch.relu, "relu_": torch.relu, "sigmoid": torch.sigmoid,
-                "sigmoid_": torch.sigmoid, "tanh": torch.tanh, "tanh_": torch.tanh}
+ACT_METHODS = {
+    "relu": torch.relu,
+    "relu_": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "sigmoid_": torch.sigmoid,
+    "tanh": torch.tanh,
+    "tanh_": torch.tanh,
+}
 _INPLACE_ONLY_ARGS = {torch.relu, F.relu6, F.selu, F.silu, F.mish, F.hardswish, F.hardsigmoid}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 
 # Ops a neuron's value passes through unchanged per channel on the way to its consumers.
-_PASS_MODULES = _NORM_TYPES + _ACT_TYPES + _IDENTITY_TYPES + (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+_PASS_MODULES = (
+    _NORM_TYPES
+    + _ACT_TYPES
+    + _IDENTITY_TYPES
+    + (
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Flatten,
+    )
 )
-_PASS_FUNCTIONS = set(ACT_FUNCTIONS) | _DROPOUT_FUNCTIONS | {
-    torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-}
+_PASS_FUNCTIONS = (
+    set(ACT_FUNCTIONS)
+    | _DROPOUT_FUNCTIONS
+    | {
+        torch.flatten,
+        F.max_pool2d,
+        F.avg_pool2d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d,
+    }
+)
 _PASS_METHODS = set(ACT_METHODS) | {"flatten", "view", "reshape", "contiguous"}
 _IGNORED_USERS_METHODS = {"size", "dim"}
 # Reductions that keep the neuron axis when they reduce only other axes (global pooling).
@@ -139,7 +188,9 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
         logger.warning(
             "neuslice could not trace %s with torch.fx (%s: %s); neuron outputs are taken at "
             "each layer's own output (before any BatchNorm/activation).",
-            type(model).__name__, type(exc).__name__, str(exc).splitlines()[0][:200],
+            type(model).__name__,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200],
         )
         return None
 
@@ -188,15 +239,26 @@ def _zero_fill_ok(ops: list[Callable], fill: float) -> bool:
 
 
 def _is_dropout_node(node: fx.Node, src: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS and \
-        bool(node.args) and node.args[0] is src
+    return (
+        node.op == "call_function"
+        and node.target in _DROPOUT_FUNCTIONS
+        and bool(node.args)
+        and node.args[0] is src
+    )
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users
-            if not (u.op == "call_method" and u.target in _IGNORED_USERS_METHODS)
-            and not (u.op == "call_function" and u.target in (getattr, operator.getitem)
-                     and len(u.args) > 1 and u.args[1] == "shape")]
+    return [
+        u
+        for u in node.users
+        if not (u.op == "call_method" and u.target in _IGNORED_USERS_METHODS)
+        and not (
+            u.op == "call_function"
+            and u.target in (getattr, operator.getitem)
+            and len(u.args) > 1
+            and u.args[1] == "shape"
+        )
+    ]
 
 
 def _module_call_indices(gm: fx.GraphModule) -> dict[fx.Node, tuple[int, int]]:
@@ -252,11 +314,13 @@ def _chain(layer: SlicedLayer, node: fx.Node, gm: fx.GraphModule, calls) -> fx.N
         fill = layer.mask_fill if _fixes_zero(fn) else _zero_fill(layer.post_ops + [fn])
         if fill is None or not _zero_fill_ok(layer.post_ops + [fn], fill):
             name = getattr(u.target, "__name__", u.target)
-            msg = (f"neuslice: the neurons of layer {layer.name!r} pass through {name} after "
-                   f"{layer.chain or 'the layer'}, and no input value makes that chain output 0; "
-                   f"masking them there is not the same as removing them (the next layer sees "
-                   f"{name}(0), not 0). Use an nn.Module activation or apply {name} before the "
-                   f"others to make masking exact.")
+            msg = (
+                f"neuslice: the neurons of layer {layer.name!r} pass through {name} after "
+                f"{layer.chain or 'the layer'}, and no input value makes that chain output 0; "
+                f"masking them there is not the same as removing them (the next layer sees "
+                f"{name}(0), not 0). Use an nn.Module activation or apply {name} before the "
+                f"others to make masking exact."
+            )
             logger.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             break
@@ -273,13 +337,17 @@ def _per_neuron_reduction(u: fx.Node, src: fx.Node, rank: int | None) -> int | N
     axes only -- ``x.mean((2, 3))``, ``torch.amax(x, dim=(-2, -1))``, ... -- the rank of its
     result; else False."""
     is_reduce = (u.op == "call_method" and u.target in _REDUCE_METHODS) or (
-        u.op == "call_function" and u.target in _REDUCE_FUNCTIONS)
+        u.op == "call_function" and u.target in _REDUCE_FUNCTIONS
+    )
     if not is_reduce or not u.args or u.args[0] is not src:
         return False
     dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
     dims = (dims,) if isinstance(dims, int) else dims
-    if not isinstance(dims, (tuple, list)) or not dims or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
+    if (
+        not isinstance(dims, (tuple, list))
+        or not dims
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in dims)
+    ):
         return False
     others = [a for a in list(u.args[2:]) + list(u.kwargs.values()) if isinstance(a, fx.Node)]
     if others:
@@ -318,8 +386,11 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
                 if isinstance(m, nn.Linear) and m.in_features % d == 0:
                     layer.consumers.append((u.target, m.in_features // d))
                     continue
-                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.in_channels == d and \
-                        m.groups == 1:
+                if (
+                    isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+                    and m.in_channels == d
+                    and m.groups == 1
+                ):
                     # weight entries per removed input channel and per output channel
                     layer.consumers.append((u.target, m.weight[0, 0].numel()))
                     continue
@@ -333,7 +404,8 @@ def _consumers(layer: SlicedLayer, end: fx.Node, gm: fx.GraphModule) -> None:
                         own_layout[u] = own_layout[n]
                     continue
             elif (u.op == "call_function" and u.target in _PASS_FUNCTIONS) or (
-                    u.op == "call_method" and u.target in _PASS_METHODS):
+                u.op == "call_method" and u.target in _PASS_METHODS
+            ):
                 if u.args and u.args[0] is n:
                     frontier.append(u)
                     if n in own_layout and u.target not in _RESHAPES:
@@ -360,8 +432,11 @@ def find_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[S
     # Module identities too: a submodule swapped for one of the same type and shape keeps the
     # fingerprint, but hooks must go on the new object. (Cached entries hold the old modules,
     # so their ids cannot be reused while cached.)
-    key = (model_fingerprint(model), tuple(map(id, model.modules())),
-           None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers)))
+    key = (
+        model_fingerprint(model),
+        tuple(map(id, model.modules())),
+        None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers)),
+    )
     cached = _CACHE.setdefault(model, {})
     if key not in cached:
         cached[key] = _find_layers(model, layers)
@@ -373,40 +448,50 @@ def _find_layers(model: nn.Module, layers: Sequence[str] | None) -> list[SlicedL
     gm = _trace(model)
     if gm is not None:
         calls = _module_call_indices(gm)
-        nodes = [n for n in gm.graph.nodes
-                 if n.op == "call_module" and isinstance(named.get(n.target), SLICEABLE_TYPES)]
+        nodes = [
+            n
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(named.get(n.target), SLICEABLE_TYPES)
+        ]
         ordered = list(dict.fromkeys(n.target for n in nodes))
     else:
         nodes, calls = [], {}
         ordered = [n for n, m in named.items() if isinstance(m, SLICEABLE_TYPES)]
     if not ordered:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to slice.")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to slice.")
     if layers is None:
         chosen = ordered[:-1]
         if not chosen:
             raise ValueError(
                 "the model's only Linear/Conv2d layer is its classifier head; pass layers=[...] "
-                "explicitly to slice it.")
+                "explicitly to slice it."
+            )
     else:
         if isinstance(layers, str):
             layers = [layers]
         unknown = [n for n in layers if n not in named]
         if unknown:
             raise ValueError(
-                f"unknown layer name(s) {unknown}; sliceable layers of this model are "
-                f"{ordered}.")
+                f"unknown layer name(s) {unknown}; sliceable layers of this model are {ordered}."
+            )
         bad = [n for n in layers if not isinstance(named[n], SLICEABLE_TYPES)]
         if bad:
             raise ValueError(
                 f"layer(s) {bad} are not nn.Linear/nn.Conv2d (got "
-                f"{[type(named[n]).__name__ for n in bad]}); choose from {ordered}.")
+                f"{[type(named[n]).__name__ for n in bad]}); choose from {ordered}."
+            )
         chosen = sorted(set(layers), key=lambda n: ordered.index(n) if n in ordered else 1e9)
     result = []
     for name in chosen:
         m = named[name]
-        layer = SlicedLayer(name=name, module=m, num_neurons=_num_neurons(m), hook_name=name,
-                            hook_module=m, own_params_per_neuron=_own_params(m))
+        layer = SlicedLayer(
+            name=name,
+            module=m,
+            num_neurons=_num_neurons(m),
+            hook_name=name,
+            hook_module=m,
+            own_params_per_neuron=_own_params(m),
+        )
         layer_nodes = [n for n in nodes if n.target == name]
         if gm is None or not layer_nodes:
             layer.coupled = True
@@ -414,12 +499,16 @@ def _find_layers(model: nn.Module, layers: Sequence[str] | None) -> list[SlicedL
             raise ValueError(
                 f"layer {name!r} is called {len(layer_nodes)} times per forward pass; a shared "
                 f"layer has no single set of neuron outputs, so it cannot be sliced. Leave it "
-                f"out of layers=[...].")
+                f"out of layers=[...]."
+            )
         else:
             end = _chain(layer, layer_nodes[0], gm, calls)
             _consumers(layer, end, gm)
-            if isinstance(m, nn.Conv2d) and m.groups > 1 and \
-                    not m.groups == m.in_channels == m.out_channels:
+            if (
+                isinstance(m, nn.Conv2d)
+                and m.groups > 1
+                and not m.groups == m.in_channels == m.out_channels
+            ):
                 layer.coupled = True  # a grouped conv's channels cannot be removed one by one
                 layer.consumers, layer.pass_params_per_neuron = [], 0
             for n in layer.chain:

@@ -33,8 +33,9 @@ def masked(model: nn.Module, slice: Slice, category: int | None = None) -> Itera
     layers = slice.layers_of(model)
     if category is not None:
         if slice.category_masks is None:
-            raise ValueError(f"a {slice.strategy} slice has no per-category masks; "
-                             f"use category=None.")
+            raise ValueError(
+                f"a {slice.strategy} slice has no per-category masks; use category=None."
+            )
         n = next(iter(slice.category_masks.values())).shape[0]
         if not 0 <= category < n:
             raise ValueError(f"category must be in [0, {n}), got {category}")
@@ -45,12 +46,16 @@ def masked(model: nn.Module, slice: Slice, category: int | None = None) -> Itera
         def zero(out, _l=l, _mask=mask):
             if _l.mask_fill != 0:  # e.g. before torch.sigmoid: sigmoid(-inf) = 0
                 m = _mask.to(device=out.device, dtype=torch.bool).view(_l.mask_shape(out))
-                return torch.where(m, out, torch.full((), _l.mask_fill, dtype=out.dtype,
-                                                      device=out.device))
+                return torch.where(
+                    m, out, torch.full((), _l.mask_fill, dtype=out.dtype, device=out.device)
+                )
             m = _mask.to(device=out.device, dtype=out.dtype).view(_l.mask_shape(out))
             return out * m
 
         points.append((l.hook_module, l.call_index, zero))
-    with exclusive(model, "neuslice.masked"), eager_forward(model), \
-            hooks_at(unwrap_model(model), points):
+    with (
+        exclusive(model, "neuslice.masked"),
+        eager_forward(model),
+        hooks_at(unwrap_model(model), points),
+    ):
         yield model

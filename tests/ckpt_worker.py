@@ -21,7 +21,7 @@ KW = dict(hsic_route="minibatch", cka_batch=6, progress=False)
 def setup():
     model = build("cnn")[0]
     x, y = make_data(N, "img", num_classes=C)
-    return model, [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)]
+    return model, [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
 
 
 def slow(batches, delay):
@@ -33,5 +33,11 @@ def slow(batches, delay):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     model, batches = setup()
-    neuslice.profile(model, slow(batches, float(sys.argv[2])), C, checkpoint=sys.argv[1],
-                     checkpoint_every=1, **KW)
+    neuslice.profile(
+        model,
+        slow(batches, float(sys.argv[2])),
+        C,
+        checkpoint=sys.argv[1],
+        checkpoint_every=1,
+        **KW,
+    )

@@ -50,9 +50,15 @@ def _lift_bias(model: nn.Module, shift: float = 0.15) -> nn.Module:
     return model
 
 
-def make_mlp(seed: int = 0, dtype=torch.float64, hidden=(10, 8), inplace: bool = False,
-             in_features: int = IN_FEATURES, num_classes: int = NUM_CLASSES,
-             act=nn.ReLU) -> nn.Sequential:
+def make_mlp(
+    seed: int = 0,
+    dtype=torch.float64,
+    hidden=(10, 8),
+    inplace: bool = False,
+    in_features: int = IN_FEATURES,
+    num_classes: int = NUM_CLASSES,
+    act=nn.ReLU,
+) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: OrderedDict = OrderedDict()
     width = in_features
@@ -67,18 +73,20 @@ def make_mlp(seed: int = 0, dtype=torch.float64, hidden=(10, 8), inplace: bool =
 def make_cnn(seed: int = 0, dtype=torch.float64, inplace: bool = False) -> nn.Sequential:
     """Conv + BN + ReLU net without max-pooling; input (2, 6, 6)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(2, 4, 3, padding=1),
-        bn1=nn.BatchNorm2d(4),
-        relu1=nn.ReLU(inplace=inplace),
-        conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1),
-        bn2=nn.BatchNorm2d(5),
-        relu2=nn.ReLU(inplace=inplace),
-        flatten=nn.Flatten(),
-        fc1=nn.Linear(5 * 3 * 3, 6),
-        relu3=nn.ReLU(inplace=inplace),
-        head=nn.Linear(6, NUM_CLASSES),
-    ))
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(2, 4, 3, padding=1),
+            bn1=nn.BatchNorm2d(4),
+            relu1=nn.ReLU(inplace=inplace),
+            conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1),
+            bn2=nn.BatchNorm2d(5),
+            relu2=nn.ReLU(inplace=inplace),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(5 * 3 * 3, 6),
+            relu3=nn.ReLU(inplace=inplace),
+            head=nn.Linear(6, NUM_CLASSES),
+        )
+    )
     return _lift_bias(_randomize_bn(model, seed + 100)).to(dtype)
 
 
@@ -203,7 +211,7 @@ def make_twin_pair(kind: str, dtype=torch.float64, seed: int = 3):
         return var, twin, {"fc1": "relu1", "fc2": "relu2"}
     if kind in ("reused_cnn", "functional_cnn"):
         torch.manual_seed(seed)
-        var = (ReusedReLUCNN() if kind == "reused_cnn" else FunctionalCNN())
+        var = ReusedReLUCNN() if kind == "reused_cnn" else FunctionalCNN()
         var = _lift_bias(_randomize_bn(var, seed)).to(dtype)
         twin = make_cnn(seed + 1, dtype)
         twin.load_state_dict(var.state_dict())
@@ -211,18 +219,29 @@ def make_twin_pair(kind: str, dtype=torch.float64, seed: int = 3):
     if kind == "functional_nobn":
         torch.manual_seed(seed)
         var = _lift_bias(FunctionalNoBNCNN()).to(dtype)
-        twin = nn.Sequential(OrderedDict(
-            conv1=nn.Conv2d(2, 4, 3, padding=1), relu1=nn.ReLU(),
-            conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1), relu2=nn.ReLU(),
-            flatten=nn.Flatten(), head=nn.Linear(5 * 3 * 3, NUM_CLASSES))).to(dtype)
+        twin = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(2, 4, 3, padding=1),
+                relu1=nn.ReLU(),
+                conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                relu2=nn.ReLU(),
+                flatten=nn.Flatten(),
+                head=nn.Linear(5 * 3 * 3, NUM_CLASSES),
+            )
+        ).to(dtype)
         twin.load_state_dict(var.state_dict())
         return var, twin, {"conv1": "relu1", "conv2": "relu2"}
     raise KeyError(kind)
 
 
 # ------------------------------------------------------------------------------------- data
-def make_data(n: int = 45, kind: str = "vec", dtype=torch.float64, seed: int = 0,
-              num_classes: int = NUM_CLASSES):
+def make_data(
+    n: int = 45,
+    kind: str = "vec",
+    dtype=torch.float64,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+):
     """Inputs with a non-zero mean and balanced, interleaved labels."""
     g = torch.Generator().manual_seed(seed)
     shape = (n, IN_FEATURES) if kind == "vec" else (n,) + IMG
@@ -251,8 +270,12 @@ def outputs_of(model: nn.Module, names, x: torch.Tensor) -> dict[str, torch.Tens
     """Outputs of the named modules (each called exactly once) for inputs ``x``."""
     mods = dict(model.named_modules())
     got: dict[str, torch.Tensor] = {}
-    handles = [mods[n].register_forward_hook(
-        lambda _m, _i, out, _n=n: got.__setitem__(_n, out.detach().clone())) for n in names]
+    handles = [
+        mods[n].register_forward_hook(
+            lambda _m, _i, out, _n=n: got.__setitem__(_n, out.detach().clone())
+        )
+        for n in names
+    ]
     was = model.training
     model.eval()
     try:
@@ -269,8 +292,9 @@ def per_sample(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape[0], a.shape[1], -1).mean(2)
 
 
-def direct_taylor(model: nn.Module, loader, param_groups: dict[str, list[str]],
-                  num_classes: int) -> tuple[dict, dict]:
+def direct_taylor(
+    model: nn.Module, loader, param_groups: dict[str, list[str]], num_classes: int
+) -> tuple[dict, dict]:
     """Taylor scores from parameter ``.grad`` of the mean CE over each category minibatch.
 
     ``param_groups[layer]`` lists the modules (the layer, then its BatchNorm) whose
@@ -298,8 +322,10 @@ def direct_taylor(model: nn.Module, loader, param_groups: dict[str, list[str]],
         F.cross_entropy(m(x), y).backward()
         return t_of()
 
-    per = {l: torch.zeros(num_classes, mods[l].weight.shape[0], dtype=torch.float64)
-           for l in param_groups}
+    per = {
+        l: torch.zeros(num_classes, mods[l].weight.shape[0], dtype=torch.float64)
+        for l in param_groups
+    }
     counts = torch.zeros(num_classes, dtype=torch.float64)
     whole = {l: 0 for l in param_groups}
     batches = 0
@@ -314,20 +340,22 @@ def direct_taylor(model: nn.Module, loader, param_groups: dict[str, list[str]],
             for l in param_groups:
                 per[l][c] += t[l].double().square()
             counts[c] += 1
-    return ({l: per[l] / counts.clamp(min=1).unsqueeze(1) for l in per},
-            {l: whole[l] / batches for l in whole})
+    return (
+        {l: per[l] / counts.clamp(min=1).unsqueeze(1) for l in per},
+        {l: whole[l] / batches for l in whole},
+    )
 
 
-def captum_deeplift(model: nn.Module, out_modules: dict[str, str], x, y,
-                    num_classes: int) -> dict[str, torch.Tensor]:
+def captum_deeplift(
+    model: nn.Module, out_modules: dict[str, str], x, y, num_classes: int
+) -> dict[str, torch.Tensor]:
     """Per-category mean of captum LayerDeepLift contributions (summed over positions)."""
     captum_attr = pytest.importorskip("captum.attr")
     m = copy.deepcopy(model).eval()
     mods = dict(m.named_modules())
     res = {}
     for layer, out_name in out_modules.items():
-        attr = captum_attr.LayerDeepLift(m, mods[out_name]).attribute(
-            x, baselines=0, target=y)
+        attr = captum_attr.LayerDeepLift(m, mods[out_name]).attribute(x, baselines=0, target=y)
         v = attr.reshape(attr.shape[0], attr.shape[1], -1).sum(2).double()
         s = torch.zeros(num_classes, v.shape[1], dtype=torch.float64).index_add_(0, y, v)
         res[layer] = s / torch.bincount(y, minlength=num_classes).clamp(min=1).unsqueeze(1)
@@ -338,8 +366,9 @@ def snapshot(model: nn.Module) -> dict:
     """Everything profile must leave untouched."""
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "grad": {k: None if p.grad is None else p.grad.clone()
-                 for k, p in model.named_parameters()},
+        "grad": {
+            k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()
+        },
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "training": {k: m.training for k, m in model.named_modules()},
         "ids": {k: id(p) for k, p in model.named_parameters()},
@@ -351,8 +380,7 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
     for k in a["state"]:
         assert a["state"][k].dtype == b["state"][k].dtype, k
         x, y = a["state"][k], b["state"][k]
-        assert x.shape == y.shape and bool(((x == y) | (x != x) & (y != y)).all()), \
-            f"{k} changed"
+        assert x.shape == y.shape and bool(((x == y) | (x != x) & (y != y)).all()), f"{k} changed"
     for k in a["grad"]:
         if a["grad"][k] is None:
             assert b["grad"][k] is None, f"{k}.grad was None and is now set"
@@ -370,8 +398,11 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
     fa, fb = torch.isfinite(a), torch.isfinite(b)
-    if not torch.equal(fa, fb) or not torch.equal(torch.isnan(a), torch.isnan(b)) \
-            or not torch.equal(a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)]):
+    if (
+        not torch.equal(fa, fb)
+        or not torch.equal(torch.isnan(a), torch.isnan(b))
+        or not torch.equal(a[~fa & ~torch.isnan(a)], b[~fb & ~torch.isnan(b)])
+    ):
         return float("inf")
     return float((a[fa] - b[fb]).abs().max()) if bool(fa.any()) else 0.0
 

@@ -37,8 +37,14 @@ def profile_all(out: Path, rank: int) -> None:
         p = neuslice.profile(model, loader, C, hsic_route=route, cka_batch=5, progress=False)
         p.save(out / f"{route}.rank{rank}.pt")
     grouped = CategoryGroupedSampler(y, shuffle=True, seed=1)
-    p = neuslice.profile(model, DataLoader(ds, batch_size=BATCH, sampler=grouped), C,
-                         hsic_route="feature", category_order="grouped", progress=False)
+    p = neuslice.profile(
+        model,
+        DataLoader(ds, batch_size=BATCH, sampler=grouped),
+        C,
+        hsic_route="feature",
+        category_order="grouped",
+        progress=False,
+    )
     p.save(out / f"grouped.rank{rank}.pt")
     torch.save({"any": list(sampler), "grouped": list(grouped)}, out / f"indices.rank{rank}.pt")
 
@@ -61,7 +67,8 @@ def die(out: Path, rank: int, stall: bool = False) -> None:
         (out / f"rank{rank}.txt").write_text("finished")
     except Exception as exc:
         (out / f"rank{rank}.txt").write_text(
-            f"{type(exc).__name__}\n{time.monotonic() - start:.1f}\n{exc}")
+            f"{type(exc).__name__}\n{time.monotonic() - start:.1f}\n{exc}"
+        )
         if rank == 1:
             os._exit(1)  # die like a crashed worker: no clean shutdown
 
@@ -69,7 +76,9 @@ def die(out: Path, rank: int, stall: bool = False) -> None:
 def grouped_checkpoint(out: Path, rank: int, resume: bool) -> None:
     """Grouped order with a checkpoint every round; crash part-way, or resume."""
     model, ds, y = data()
-    loader = DataLoader(ds, batch_size=BATCH, sampler=CategoryGroupedSampler(y, shuffle=True, seed=1))
+    loader = DataLoader(
+        ds, batch_size=BATCH, sampler=CategoryGroupedSampler(y, shuffle=True, seed=1)
+    )
 
     def crash_at(k):
         for i, batch in enumerate(loader):
@@ -77,8 +86,13 @@ def grouped_checkpoint(out: Path, rank: int, resume: bool) -> None:
                 raise RuntimeError("simulated crash")
             yield batch
 
-    kw = dict(hsic_route="feature", category_order="grouped", progress=False,
-              checkpoint=out / "g.ckpt", checkpoint_every=1)
+    kw = dict(
+        hsic_route="feature",
+        category_order="grouped",
+        progress=False,
+        checkpoint=out / "g.ckpt",
+        checkpoint_every=1,
+    )
     if resume:
         p = neuslice.profile(model, loader, C, resume=out / "g.ckpt", **kw)
         p.save(out / f"gresumed.rank{rank}.pt")

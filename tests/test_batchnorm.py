@@ -17,11 +17,18 @@ from conftest import assert_same_snapshot, build, snapshot
 
 def _slice(model, keep=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    masks = {l.name: torch.rand(l.num_neurons, generator=g) < keep for l in neuslice.find_layers(model)}
+    masks = {
+        l.name: torch.rand(l.num_neurons, generator=g) < keep for l in neuslice.find_layers(model)
+    }
     for m in masks.values():
         m[0] = True
-    return Slice(masks=masks, strategy="random", metric=None,
-                 fingerprint=neuslice.model_fingerprint(model), input_shape=[2, 6, 6])
+    return Slice(
+        masks=masks,
+        strategy="random",
+        metric=None,
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[2, 6, 6],
+    )
 
 
 def test_statistics_are_those_of_the_masked_inputs():
@@ -46,11 +53,14 @@ def test_statistics_are_those_of_the_masked_inputs():
         bn = dict(out.named_modules())[name]
         dims = (0, 2, 3)
         torch.testing.assert_close(bn.running_mean, inp.mean(dims), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(bn.running_var, inp.var(dims, unbiased=True), rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            bn.running_var, inp.var(dims, unbiased=True), rtol=1e-10, atol=1e-12
+        )
     # the second BatchNorm sees zeroed channels of the first block: its statistics changed
     old = dict(model.named_modules())[list(seen)[1]]
-    assert not torch.allclose(old.running_mean, dict(out.named_modules())[list(seen)[1]].running_mean)
+    assert not torch.allclose(
+        old.running_mean, dict(out.named_modules())[list(seen)[1]].running_mean
+    )
 
 
 def test_restructured_copy_keeps_the_recalibrated_statistics():
@@ -58,8 +68,9 @@ def test_restructured_copy_keeps_the_recalibrated_statistics():
     model, (x, y), _, _ = build("cnn")
     model.eval()
     sl = _slice(model)
-    out = recalibrate_batchnorm(model, sl, [(x[i:i + 9], y[i:i + 9]) for i in range(0, 45, 9)],
-                                progress=False)
+    out = recalibrate_batchnorm(
+        model, sl, [(x[i : i + 9], y[i : i + 9]) for i in range(0, 45, 9)], progress=False
+    )
     small, eff = neuslice.restructure(out, sl, x[:2], return_slice=True)
     small.eval()
     with torch.no_grad(), neuslice.masked(out, eff):
@@ -87,18 +98,25 @@ def test_masking_sweep_can_recalibrate():
 
     model, (x, y), _, _ = build("cnn")
     model.eval()
-    loader = [(x[i:i + 9], y[i:i + 9]) for i in range(0, 45, 9)]
+    loader = [(x[i : i + 9], y[i : i + 9]) for i in range(0, 45, 9)]
     prof = neuslice.profile(model, loader, 3, progress=False)
     cfg = SweepConfig(metrics=("avg",), ratios=(0.5,), thresholds=(0.95,), random_repeats=1)
     before = snapshot(model)
     _, plain = masking_sweep(model, prof, (x, y), cfg, progress=False)
-    _, recal = masking_sweep(model, prof, (x, y), cfg, progress=False, recalibrate_with=loader,
-                             recalibrate_batches=2)
+    _, recal = masking_sweep(
+        model, prof, (x, y), cfg, progress=False, recalibrate_with=loader, recalibrate_batches=2
+    )
     assert_same_snapshot(before, snapshot(model))
     for a, b in zip(plain, recal):
-        sl = neuslice.global_slice(prof, "avg", 0.5) if a.strategy == "global" else (
-            neuslice.categorywise_slice(prof, "avg", 0.5) if a.strategy == "categorywise" else
-            neuslice.semantic_slice(prof, "avg", 0.95))
+        sl = (
+            neuslice.global_slice(prof, "avg", 0.5)
+            if a.strategy == "global"
+            else (
+                neuslice.categorywise_slice(prof, "avg", 0.5)
+                if a.strategy == "categorywise"
+                else neuslice.semantic_slice(prof, "avg", 0.95)
+            )
+        )
         fixed = recalibrate_batchnorm(model, sl, loader, num_batches=2, progress=False)
         with neuslice.masked(fixed, sl):
             assert b.accuracy == accuracy(fixed, x, y)

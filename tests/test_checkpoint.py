@@ -36,11 +36,14 @@ def _same(a: neuslice.Profile, b: neuslice.Profile) -> None:
         assert torch.equal(a.tensors[k], b.tensors[k]), k
 
 
-@pytest.mark.parametrize("options", [
-    dict(KW),
-    dict(hsic_route="feature", progress=False),
-    dict(hsic_route="minibatch", cka_batch=5, category_order="grouped", progress=False),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(KW),
+        dict(hsic_route="feature", progress=False),
+        dict(hsic_route="minibatch", cka_batch=5, category_order="grouped", progress=False),
+    ],
+)
 def test_resume_equals_uninterrupted(tmp_path, options):
     model, batches = setup()
     if options.get("category_order") == "grouped":  # sort the stream by category
@@ -48,23 +51,26 @@ def test_resume_equals_uninterrupted(tmp_path, options):
         y = torch.cat([b[1] for b in batches])
         order = torch.argsort(y, stable=True)
         x, y = x[order], y[order]
-        batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, len(y), 4)]
+        batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, len(y), 4)]
     full = neuslice.profile(model, batches, C, **options)
     path = tmp_path / "run.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        neuslice.profile(model, _interrupted(batches, 7), C, checkpoint=path, checkpoint_every=3,
-                         **options)
+        neuslice.profile(
+            model, _interrupted(batches, 7), C, checkpoint=path, checkpoint_every=3, **options
+        )
     assert ckpt.load(path)["batches"] == 6
-    resumed = neuslice.profile(model, batches, C, resume=path, checkpoint=path,
-                               checkpoint_every=3, **options)
+    resumed = neuslice.profile(
+        model, batches, C, resume=path, checkpoint=path, checkpoint_every=3, **options
+    )
     _same(resumed, full)
 
 
 @pytest.mark.slow
 def test_killed_process_resumes(tmp_path):
     path = tmp_path / "killed.ckpt"
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(path), "0.3"],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(path), "0.3"], env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -84,19 +90,23 @@ def test_killed_process_resumes(tmp_path):
     _same(resumed, neuslice.profile(model, batches, C, **KW))
 
 
-@pytest.mark.parametrize("change,reason", [
-    ("weights", "weights differ"),
-    ("config", "configuration differs"),
-    ("order", "different data or a different order"),
-    ("model", "different model architecture"),
-    ("short", "yields only"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ("weights", "weights differ"),
+        ("config", "configuration differs"),
+        ("order", "different data or a different order"),
+        ("model", "different model architecture"),
+        ("short", "yields only"),
+    ],
+)
 def test_resume_refuses_other_runs(tmp_path, change, reason):
     model, batches = setup()
     path = tmp_path / "a.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        neuslice.profile(model, _interrupted(batches, 5), C, checkpoint=path, checkpoint_every=2,
-                         **KW)
+        neuslice.profile(
+            model, _interrupted(batches, 5), C, checkpoint=path, checkpoint_every=2, **KW
+        )
     kw = dict(KW)
     if change == "weights":
         with torch.no_grad():

@@ -364,8 +364,15 @@ def test_minimal_prefix_errors() -> None:
 
 
 def test_public_names() -> None:
-    for name in ("gram", "hsic", "linear_cka", "neuron_hsic", "prefix_curve", "naive_curve",
-                 "minimal_prefix"):
+    for name in (
+        "gram",
+        "hsic",
+        "linear_cka",
+        "neuron_hsic",
+        "prefix_curve",
+        "naive_curve",
+        "minimal_prefix",
+    ):
         assert name in cka_mod.__all__ and callable(getattr(cka_mod, name))
 
 
@@ -373,8 +380,9 @@ def test_auto_route_picks_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setenv("NEUSLICE_BACKEND", "torch")  # spy on the reference route choice
     real = ops_reference.block_gram_norms
-    monkeypatch.setattr(ops_reference, "block_gram_norms",
-                        lambda x, route: calls.append(route) or real(x, route))
+    monkeypatch.setattr(
+        ops_reference, "block_gram_norms", lambda x, route: calls.append(route) or real(x, route)
+    )
     neuron_hsic(torch.randn(200, 4, dtype=torch.float64))  # n >> d*s -> feature
     neuron_hsic(torch.randn(6, 4, 8, 8, dtype=torch.float64))  # d*s >> n -> sample
     neuron_hsic(torch.randn(200, 4, dtype=torch.float64), "unbiased")  # unbiased, too
@@ -384,5 +392,7 @@ def test_auto_route_picks_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_unbiased_routes_agree(shape: tuple[int, ...]) -> None:
     acts = _acts(shape, seed=60 + len(shape))
-    _rel_close(neuron_hsic(acts, "unbiased", route="feature"),
-               neuron_hsic(acts, "unbiased", route="sample"))
+    _rel_close(
+        neuron_hsic(acts, "unbiased", route="feature"),
+        neuron_hsic(acts, "unbiased", route="sample"),
+    )

@@ -21,13 +21,31 @@ pytest.importorskip("sklearn")
 @pytest.mark.slow
 def test_demo_on_digits_writes_table_plot_and_slices(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--dataset", "digits", "--epochs", "3", "--random-repeats", "1",
-               "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    rc = main(
+        [
+            "demo",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "3",
+            "--random-repeats",
+            "1",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "unmasked accuracy" in text and "Area under" in text
-    for name in ("rq1_masking.png", "rq1_masking.csv", "rq1_auc.json", "profile.pt",
-                 "slice_semantic.json"):
+    for name in (
+        "rq1_masking.png",
+        "rq1_masking.csv",
+        "rq1_auc.json",
+        "profile.pt",
+        "slice_semantic.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     rows = (out / "rq1_masking.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * (10 + 10 + 10)  # header + metrics x (2 ratio sweeps + thresholds)
@@ -53,9 +71,24 @@ def test_reproduce_rejects_a_bad_config(capsys):
 @pytest.mark.slow
 def test_demo_cnn_with_batchnorm_recalibration(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--model", "cnn", "--dataset", "digits", "--epochs", "1",
-               "--random-repeats", "0", "--recalibrate-bn", "--out", str(out),
-               "--cache-dir", str(tmp_path / "cache")])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            "cnn",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--random-repeats",
+            "0",
+            "--recalibrate-bn",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 0
     assert "Area under" in capsys.readouterr().out
     assert len((out / "rq1_masking.csv").read_text().splitlines()) == 1 + 5 * 30
@@ -84,8 +117,11 @@ def _options_in_help(text: str) -> dict[str, str]:
     entries: dict[str, str] = {}
     current = None
     for line in section.splitlines():
-        m = re.match(r"^  (-[^ ,]+)(?:[^ ]*(?: [^ -][^ ]*)*)*(?:, -[^ ]+(?: [^ -][^ ]*)*)?"
-                     r"(?:\s{2,}(.*))?$", line)
+        m = re.match(
+            r"^  (-[^ ,]+)(?:[^ ]*(?: [^ -][^ ]*)*)*(?:, -[^ ]+(?: [^ -][^ ]*)*)?"
+            r"(?:\s{2,}(.*))?$",
+            line,
+        )
         if m and not line.startswith("   "):
             current = m.group(1)
             entries[current] = m.group(2) or ""
@@ -97,8 +133,14 @@ def _options_in_help(text: str) -> dict[str, str]:
 def test_every_option_of_every_command_has_help_and_default(capsys):
     paths = list(_subcommands(build_parser()))
     names = {p for p, _ in paths}
-    assert {("demo",), ("reproduce",), ("info",), ("reproduce", "rq2"), ("reproduce", "rq3"),
-            ("reproduce", "rq4")} <= names
+    assert {
+        ("demo",),
+        ("reproduce",),
+        ("info",),
+        ("reproduce", "rq2"),
+        ("reproduce", "rq3"),
+        ("reproduce", "rq4"),
+    } <= names
     for path, parser in paths:
         text = _help(list(path), capsys)
         entries = _options_in_help(text)
@@ -109,7 +151,7 @@ def test_every_option_of_every_command_has_help_and_default(capsys):
                 continue
             m = re.search(r"\(default: [^()]*(\([^()]*\))?[^()]*\)$", help_text.strip())
             assert m, (path, flag, help_text)
-            assert len(help_text[:m.start()].strip()) > 10, (path, flag, help_text)
+            assert len(help_text[: m.start()].strip()) > 10, (path, flag, help_text)
         for action in parser._actions:  # each listed subcommand has a one-line help too
             if isinstance(action, argparse._SubParsersAction):
                 for choice in action._choices_actions:
@@ -138,13 +180,16 @@ def neuslice_logger():
     log.handlers[:] = handlers
 
 
-@pytest.mark.parametrize("argv, level", [
-    (["info"], logging.INFO),
-    (["--quiet", "info"], logging.WARNING),
-    (["info", "-q"], logging.WARNING),
-    (["-v", "info"], logging.DEBUG),
-    (["info", "--verbose"], logging.DEBUG),
-])
+@pytest.mark.parametrize(
+    "argv, level",
+    [
+        (["info"], logging.INFO),
+        (["--quiet", "info"], logging.WARNING),
+        (["info", "-q"], logging.WARNING),
+        (["-v", "info"], logging.DEBUG),
+        (["info", "--verbose"], logging.DEBUG),
+    ],
+)
 def test_quiet_and_verbose_set_the_level(argv, level, neuslice_logger, capsys):
     assert main(argv) == 0
     assert neuslice_logger.level == level
@@ -170,8 +215,9 @@ def test_quiet_and_verbose_together_are_refused(capsys):
 def fake_rq2(monkeypatch):
     import neuslice.experiments.reproduce as rq2
 
-    rows = {"NeuSemSlice+LAMP": rq2.RQ2Row("NeuSemSlice+LAMP", cr=[0.5, 0.6], ni=[3, 4],
-                                           ma=[0.9, 0.8])}
+    rows = {
+        "NeuSemSlice+LAMP": rq2.RQ2Row("NeuSemSlice+LAMP", cr=[0.5, 0.6], ni=[3, 4], ma=[0.9, 0.8])
+    }
     calls = []
     monkeypatch.setattr(rq2, "run_rq2", lambda config: calls.append(config) or rows)
     monkeypatch.setattr(rq2, "format_rq2", lambda rows, setting: f"TABLE {setting}")
@@ -185,8 +231,9 @@ def fake_rq2(monkeypatch):
     return calls
 
 
-def test_reproduce_writes_to_the_default_folder(fake_rq2, tmp_path, monkeypatch, capsys,
-                                                neuslice_logger):
+def test_reproduce_writes_to_the_default_folder(
+    fake_rq2, tmp_path, monkeypatch, capsys, neuslice_logger
+):
     monkeypatch.chdir(tmp_path)
     assert main(["reproduce", "rq2", "--setting", "mlp-digits", "--seeds", "0", "1"]) == 0
     assert fake_rq2[0].seeds == (0, 1)
@@ -196,15 +243,31 @@ def test_reproduce_writes_to_the_default_folder(fake_rq2, tmp_path, monkeypatch,
     with open(folder / "rq2_mlp-digits.csv") as f:
         records = list(csv.DictReader(f))
     assert [(r["name"], r["seed"], r["cr"], r["ni"], r["ma"]) for r in records] == [
-        ("NeuSemSlice+LAMP", "0", "0.5", "3", "0.9"), ("NeuSemSlice+LAMP", "1", "0.6", "4", "0.8")]
+        ("NeuSemSlice+LAMP", "0", "0.5", "3", "0.9"),
+        ("NeuSemSlice+LAMP", "1", "0.6", "4", "0.8"),
+    ]
     out = capsys.readouterr().out
     assert os.path.join(DEFAULT_REPRODUCE_DIR, "rq2-mlp-digits") in out.splitlines()[-1]
 
 
 def test_reproduce_out_overrides_the_default(fake_rq2, tmp_path, monkeypatch, neuslice_logger):
     monkeypatch.chdir(tmp_path)
-    assert main(["reproduce", "rq2", "--setting", "mlp-digits", "--seeds", "0", "-q",
-                 "--out", str(tmp_path / "mine")]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "rq2",
+                "--setting",
+                "mlp-digits",
+                "--seeds",
+                "0",
+                "-q",
+                "--out",
+                str(tmp_path / "mine"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "mine" / "rq2_mlp-digits.csv").is_file()
     assert not (tmp_path / DEFAULT_REPRODUCE_DIR).exists()
 
@@ -237,14 +300,14 @@ def _sweep_rows():
     for metric in ("avg", "taylor"):
         for i, cr in enumerate((0.1, 0.3, 0.5)):
             rows.append(SweepRow("global", metric, cr, cr, 0.95 - 0.3 * i, 0.9 - 0.1 * i))
-            rows.append(SweepRow("categorywise", metric, cr, cr, 0.95 - 0.01 * i,
-                                 float("nan")))  # no random repeats
+            rows.append(
+                SweepRow("categorywise", metric, cr, cr, 0.95 - 0.01 * i, float("nan"))
+            )  # no random repeats
             rows.append(SweepRow("semantic", metric, 0.9 + cr / 10, cr / 2, 0.96, 0.94))
     return rows
 
 
-def test_plot_sweep_has_a_drop_row_one_legend_and_a_labelled_unmasked_line(tmp_path,
-                                                                           monkeypatch):
+def test_plot_sweep_has_a_drop_row_one_legend_and_a_labelled_unmasked_line(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from neuslice.experiments.sweep import plot_sweep
@@ -265,8 +328,11 @@ def test_plot_sweep_has_a_drop_row_one_legend_and_a_labelled_unmasked_line(tmp_p
     drops = [y for line in bottom[0].get_lines() for y in line.get_ydata()]
     assert min(drops) == pytest.approx(1e-3) and max(drops) == pytest.approx(0.6)
     # the three strategies differ in marker and line style, not only in colour
-    styles = {(line.get_marker(), line.get_linestyle()) for line in top[0].get_lines()
-              if line.get_linestyle() != ":" and line.get_marker() not in ("", "None")}
+    styles = {
+        (line.get_marker(), line.get_linestyle())
+        for line in top[0].get_lines()
+        if line.get_linestyle() != ":" and line.get_marker() not in ("", "None")
+    }
     assert len(styles) == 3
 
 
@@ -282,9 +348,24 @@ def test_plot_sweep_rejects_empty_rows(tmp_path):
 def test_reproduce_incite_writes_table_csv_and_plot(tmp_path, capsys):
     from neuslice.experiments.cli import main
 
-    rc = main(["reproduce", "incite", "--subjects", "diabetes", "--methods", "incite",
-               "--seeds", "0", "--regressor-epochs", "2", "--head-epochs", "1",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "reproduce",
+            "incite",
+            "--subjects",
+            "diabetes",
+            "--methods",
+            "incite",
+            "--seeds",
+            "0",
+            "--regressor-epochs",
+            "2",
+            "--head-epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "diabetes" in out and "incite" in out

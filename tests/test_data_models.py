@@ -64,6 +64,7 @@ def test_mnist5k_split_is_seeded(mnist):
     assert torch.equal(train0.tensors[1], train0b.tensors[1])
     assert not torch.equal(test0.tensors[0], test1.tensors[0])
     assert torch.bincount(test1.tensors[1]).tolist() == [100] * 10
+
     # both seeds partition the same 5,000 images
     def image_set(tr, te):
         return torch.unique(torch.cat([tr.tensors[0], te.tensors[0]]).flatten(1), dim=0)

@@ -17,14 +17,13 @@ from neuslice.decomposition.modules import head_name
 torch.set_num_threads(1)
 
 
-
-
 def _classifier(seed=0, n=240):
     torch.manual_seed(seed)
     x = torch.randn(n, 8)
     y = x[:, :3].argmax(1)
-    model = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
-                          nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
     return fit_briefly(model, x, y), DataLoader(TensorDataset(x, y), batch_size=60), x, y
 
 
@@ -32,10 +31,18 @@ def _cnn(seed=0, n=120):
     torch.manual_seed(seed)
     x = torch.randn(n, 2, 6, 6)
     y = x.mean((2, 3)).argmax(1) + 2 * (x[:, 0, 0, 0] > 0).long()
-    model = nn.Sequential(nn.Conv2d(2, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-                          nn.Conv2d(12, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(12 * 9, 16), nn.ReLU(),
-                          nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Conv2d(12, 12, 3, stride=2, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12 * 9, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
     model = fit_briefly(model, x, y, steps=40)
     with torch.no_grad():  # non-trivial running statistics
         for m in model.modules():
@@ -53,11 +60,15 @@ def test_toy_metrics_by_hand():
     y = torch.arange(60) % 3
     loader = DataLoader(TensorDataset(x, y), batch_size=20)
     scores = {"0": torch.tensor([[5.0, 4, 1, 0], [0, 5, 4, 1], [0, 1, 4, 5]])}
-    mods = neuslice.decompose(model, loader, fraction=0.5, cluster_size=1, scores=scores,
-                              head_epochs=0, progress=False)
+    mods = neuslice.decompose(
+        model, loader, fraction=0.5, cluster_size=1, scores=scores, head_epochs=0, progress=False
+    )
     assert len(mods) == 3
-    assert [torch.nonzero(m["0"]).flatten().tolist() for m in mods.masks] == \
-        [[0, 1], [1, 2], [2, 3]]
+    assert [torch.nonzero(m["0"]).flatten().tolist() for m in mods.masks] == [
+        [0, 1],
+        [1, 2],
+        [2, 3],
+    ]
     # Jaccard: {0,1}-{1,2} = 1/3, {0,1}-{2,3} = 0, {1,2}-{2,3} = 1/3
     assert mods.overlap() == pytest.approx(2 / 9)
     # original 2*4+4 + 4*3+3 = 27; a module 2*2+2 + (2*2+2) = 12
@@ -77,23 +88,26 @@ def test_toy_metrics_by_hand():
     res = mods.evaluate(loader, original=model)
     assert res["accuracy"] == pytest.approx(float((yes.argmax(1) == y).double().mean()))
     assert res["original_accuracy"] == pytest.approx(
-        float((model(x).argmax(1) == y).double().mean()))
+        float((model(x).argmax(1) == y).double().mean())
+    )
     assert res["overlap"] == pytest.approx(2 / 9) and res["modules"] == 3
 
 
 @pytest.mark.parametrize("build", [_classifier, _cnn])
 def test_modules_are_the_masked_model_up_to_the_head(build, tmp_path):
     model, loader, x, y = build()
-    snap = (copy.deepcopy(model.state_dict()), [m.training for m in model.modules()],
-            [p.requires_grad for p in model.parameters()])
+    snap = (
+        copy.deepcopy(model.state_dict()),
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
     mods = neuslice.decompose(model, loader, cluster_size=3, head_epochs=3, progress=False)
     assert len(mods) == model[-1].out_features
     head = head_name(model)
     for k, m in enumerate(mods):
         got, want = [], []
         h1 = m.get_submodule(head).register_forward_pre_hook(lambda _m, a: got.append(a[0]))
-        h2 = model.get_submodule(head).register_forward_pre_hook(
-            lambda _m, a: want.append(a[0]))
+        h2 = model.get_submodule(head).register_forward_pre_hook(lambda _m, a: want.append(a[0]))
         try:
             with torch.no_grad():
                 m(x)
@@ -137,11 +151,17 @@ def test_regression_modules():
     torch.manual_seed(1)
     x = torch.randn(200, 4)
     y = torch.stack([x[:, 0] + x[:, 1], (x[:, 2] * x[:, 3]), x[:, 0].abs()], 1)
-    model = fit_briefly(nn.Sequential(nn.Linear(4, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
-                               nn.Linear(24, 3)), x, y, "regression", steps=150)
+    model = fit_briefly(
+        nn.Sequential(nn.Linear(4, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)),
+        x,
+        y,
+        "regression",
+        steps=150,
+    )
     loader = DataLoader(TensorDataset(x, y), batch_size=50)
-    mods = neuslice.decompose(model, loader, task="regression", cluster_size=4, head_epochs=2,
-                              progress=False)
+    mods = neuslice.decompose(
+        model, loader, task="regression", cluster_size=4, head_epochs=2, progress=False
+    )
     assert len(mods) == 3
     pred = mods.predict(x)
     assert pred.shape == (200, 3)
@@ -152,19 +172,30 @@ def test_regression_modules():
     assert math.isfinite(res["original_mae"]) and res["original_mae"] > 0
     assert [m[-1].out_features for m in mods] == [1, 1, 1]
     # a single output: one module, no pair to overlap
-    one = fit_briefly(nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 1)), x, y[:, :1],
-               "regression", steps=30)
-    single = neuslice.decompose(one, DataLoader(TensorDataset(x, y[:, 0]), batch_size=50),
-                                task="regression", cluster_size=4, head_epochs=1,
-                                progress=False)
+    one = fit_briefly(
+        nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 1)),
+        x,
+        y[:, :1],
+        "regression",
+        steps=30,
+    )
+    single = neuslice.decompose(
+        one,
+        DataLoader(TensorDataset(x, y[:, 0]), batch_size=50),
+        task="regression",
+        cluster_size=4,
+        head_epochs=1,
+        progress=False,
+    )
     assert len(single) == 1 and math.isnan(single.overlap())
     assert single.predict(x).shape == (200, 1)
 
 
 def test_semantic_modules():
     model, loader, x, y = _classifier(seed=2)
-    mods = neuslice.decompose(model, loader, method="semantic", metric="avg", threshold=0.9,
-                              head_epochs=1, progress=False)
+    mods = neuslice.decompose(
+        model, loader, method="semantic", metric="avg", threshold=0.9, head_epochs=1, progress=False
+    )
     prof = neuslice.profile(model, loader, 3, metrics=("avg",), progress=False)
     sl = neuslice.semantic_slice(prof, "avg", 0.9)
     assert len(mods) == 3 and mods.method == "semantic"
@@ -188,8 +219,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="1.0"):
         neuslice.decompose(model, loader, factors=(1.0,), progress=False)
     with pytest.raises(ValueError, match="do not match|columns"):
-        neuslice.decompose(model, DataLoader(TensorDataset(x, torch.randn(len(x), 2)),
-                                             batch_size=60), task="regression", progress=False)
+        neuslice.decompose(
+            model,
+            DataLoader(TensorDataset(x, torch.randn(len(x), 2)), batch_size=60),
+            task="regression",
+            progress=False,
+        )
     one = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1))
     with pytest.raises(ValueError, match="class logits"):
         neuslice.decompose(one, loader, progress=False)
@@ -198,14 +233,16 @@ def test_bad_inputs():
         neuslice.decompose(after_head, loader, progress=False)
     # scores of another model
     with pytest.raises(ValueError, match="another model"):
-        neuslice.decompose(model, loader, scores={"0": torch.zeros(3, 5), "2": torch.zeros(3, 16)},
-                           progress=False)
+        neuslice.decompose(
+            model, loader, scores={"0": torch.zeros(3, 5), "2": torch.zeros(3, 16)}, progress=False
+        )
     mods = neuslice.decompose(model, loader, cluster_size=4, head_epochs=0, progress=False)
     with pytest.raises(ValueError, match="shape"):
         mods.predict(torch.randn(5, 9))
     with pytest.raises(TypeError):
         mods.predict(x.numpy())
-    other = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(),
-                          nn.Linear(16, 3))
+    other = nn.Sequential(
+        nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
     with pytest.raises(ValueError, match="another model"):
         mods.evaluate(loader, original=other)

@@ -32,15 +32,29 @@ def _isometry_model(seed: int = 0) -> nn.Sequential:
 
 def _relu_model(seed: int = 1) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
 
 
 def _conv_model(seed: int = 2) -> nn.Sequential:
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                      nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
     with torch.no_grad():
         for bn in (m[1], m[4]):
             bn.running_mean.uniform_(-0.2, 0.2)
@@ -82,14 +96,18 @@ def _reference(model: nn.Sequential, loader, idx: list[int]) -> dict:
             for j, m in enumerate(model):
                 h = m(h)
                 outs[j] = h
-            grams = [outs[i + 1].reshape(len(x), -1).double() @
-                     outs[i + 1].reshape(len(x), -1).double().T for i in idx]  # after ReLU
+            grams = [
+                outs[i + 1].reshape(len(x), -1).double()
+                @ outs[i + 1].reshape(len(x), -1).double().T
+                for i in idx
+            ]  # after ReLU
             for k in range(n):
                 xx[k] += float(hsic(grams[k], grams[k], "unbiased"))
             for k in range(n - 1):
                 xy[k] += float(hsic(grams[k], grams[k + 1], "unbiased"))
-    return {(str(idx[k]), str(idx[k + 1])): xy[k] / math.sqrt(xx[k] * xx[k + 1])
-            for k in range(n - 1)}
+    return {
+        (str(idx[k]), str(idx[k + 1])): xy[k] / math.sqrt(xx[k] * xx[k + 1]) for k in range(n - 1)
+    }
 
 
 def test_matches_direct_minibatch_computation():
@@ -215,8 +233,16 @@ def test_freeze_except():
     for name, p in model.named_parameters():
         assert p.requires_grad == (name in trainable)
     # re-enables previously frozen layers; an empty list freezes all
-    assert freeze_except(model, ["0", "3"]) == ["0.weight", "0.bias", "1.weight", "1.bias",
-                                                "3.weight", "3.bias", "4.weight", "4.bias"]
+    assert freeze_except(model, ["0", "3"]) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+        "4.weight",
+        "4.bias",
+    ]
     assert freeze_except(model, []) == []
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="unknown layer"):

@@ -51,20 +51,22 @@ def test_auto_skips_backends_that_are_off_by_default(monkeypatch):
     monkeypatch.setitem(dispatch.BACKENDS, "cpp", on)
     assert dispatch.select(x).name == "cpp"
     assert dispatch.select(x.double()).name == "torch"  # dtype not supported -> next one
-    dense = dispatch.Backend("cpp", ("cpu",), (torch.float32,), {"cpu": True},
-                             auto_min_positions=2)
+    dense = dispatch.Backend("cpp", ("cpu",), (torch.float32,), {"cpu": True}, auto_min_positions=2)
     monkeypatch.setitem(dispatch.BACKENDS, "cpp", dense)
     assert dispatch.select(x).name == "cpp"  # s = 2
     assert dispatch.select(torch.randn(8, 3, 1)).name == "torch"  # dense: not automatic
     assert dispatch.select(torch.randn(8, 3, 1), "cpp").name == "cpp"  # explicit still works
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    (torch.randn(4, 3), ValueError, r"\(n, d, s\)"),
-    (torch.randn(0, 3, 2), ValueError, "empty"),
-    (torch.ones(4, 3, 2, dtype=torch.long), TypeError, "floating-point"),
-    ([[1.0]], TypeError, "tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (torch.randn(4, 3), ValueError, r"\(n, d, s\)"),
+        (torch.randn(0, 3, 2), ValueError, "empty"),
+        (torch.ones(4, 3, 2, dtype=torch.long), TypeError, "floating-point"),
+        ([[1.0]], TypeError, "tensor"),
+    ],
+)
 def test_bad_inputs(bad, err, match):
     with pytest.raises(err, match=match):
         ops.block_gram_norms(bad)

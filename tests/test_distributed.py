@@ -31,9 +31,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(WORKER),
-           "profile", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        str(WORKER),
+        "profile",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -42,7 +51,7 @@ def dist_run(tmp_path_factory):
 
 def _batches(ds, index_lists):
     """Single-process stream with the ranks' batches interleaved (rank 0, rank 1, ...)."""
-    per_rank = [[idx[i:i + BATCH] for i in range(0, len(idx), BATCH)] for idx in index_lists]
+    per_rank = [[idx[i : i + BATCH] for i in range(0, len(idx), BATCH)] for idx in index_lists]
     out = []
     for step in range(max(len(b) for b in per_rank)):
         for b in per_rank:
@@ -73,7 +82,10 @@ def test_two_processes_equal_one_process(dist_run):
         for th in (0.9, 0.95, 0.99):
             a, b = neuslice.semantic_slice(p0, metric, th), neuslice.semantic_slice(ref, metric, th)
             assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks), (metric, th)
-        a, b = neuslice.categorywise_slice(p0, metric, 0.3), neuslice.categorywise_slice(ref, metric, 0.3)
+        a, b = (
+            neuslice.categorywise_slice(p0, metric, 0.3),
+            neuslice.categorywise_slice(ref, metric, 0.3),
+        )
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 
@@ -82,8 +94,12 @@ def test_minibatch_route_combines_the_ranks_chunks(dist_run):
     mean of the two shards' single-process results (and the sums equal the 1-process run)."""
     model, ds, _ = data()
     idx = [torch.load(dist_run / f"indices.rank{r}.pt")["any"] for r in (0, 1)]
-    shards = [neuslice.profile(model, _batches(ds, [i]), C, hsic_route="minibatch", cka_batch=5,
-                               progress=False) for i in idx]
+    shards = [
+        neuslice.profile(
+            model, _batches(ds, [i]), C, hsic_route="minibatch", cka_batch=5, progress=False
+        )
+        for i in idx
+    ]
     p0, p1 = _load(dist_run, "minibatch")
     for layer in p0.layers:
         w = [s.tensors[f"{layer}.hsic_weight"] for s in shards]
@@ -100,8 +116,9 @@ def test_minibatch_route_combines_the_ranks_chunks(dist_run):
 
 def test_grouped_distributed_equals_one_process(dist_run):
     model, ds, _ = data()
-    ref = neuslice.profile(model, [ds[:]], C, hsic_route="feature", progress=False,
-                           metrics=("avg", "var", "deeplift"))
+    ref = neuslice.profile(
+        model, [ds[:]], C, hsic_route="feature", progress=False, metrics=("avg", "var", "deeplift")
+    )
     p0, p1 = _load(dist_run, "grouped")
     assert not p0.keeps_hsic
     for layer in ref.layers:
@@ -121,11 +138,23 @@ def _spawn_two(mode, out, timeout=30):
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out),
-                                       "--timeout", str(timeout)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), mode, str(out), "--timeout", str(timeout)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -176,12 +205,25 @@ def test_example_script_two_ranks_match_one(tmp_path):
     """examples/profile_distributed.py prints the same slice with 1 and 2 processes."""
     script = Path(__file__).parents[1] / "examples" / "profile_distributed.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=300, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                          "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={_free_port()}", str(script)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_free_port()}",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     line = lambda out: [l for l in out.splitlines() if l.startswith("profiled")][0]  # noqa: E731
     a, b = line(one.stdout), line(two.stdout)

@@ -34,9 +34,20 @@ def test_the_docs_have_python_blocks():
 @pytest.mark.slow
 @pytest.mark.parametrize("code", BLOCKS)
 def test_block_runs(code, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               NEUSLICE_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="error::DeprecationWarning")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        NEUSLICE_CACHE=str(tmp_path / "cache"),
+        PYTHONWARNINGS="error::DeprecationWarning",
+    )
     prelude = "import torch\ntorch.set_num_threads(1)\ntorch.manual_seed(0)\n"
-    out = subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, f"block failed:\n{code}\n--- stderr ---\n{out.stderr[-4000:]}"

@@ -20,8 +20,10 @@ AWKWARD = [(37, 13, 1), (123, 5, 7), (20, 33, 3), (9, 17, 1), (50, 3, 49)]
 # covariance rows split within a neuron (s > 256), tiled V V^T in the sample route (d > 128).
 TILED = [(10, 530, 1), (16, 70, 5), (6, 3, 300), (12, 150, 2)]
 
-with_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _C.WITH_CUDA),
-                               reason="needs a GPU and an extension built with CUDA")
+with_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _C.WITH_CUDA),
+    reason="needs a GPU and an extension built with CUDA",
+)
 
 
 def _x(shape, seed, dtype=torch.float64, device="cpu"):
@@ -107,8 +109,10 @@ def test_meta_impl_shape_and_dtype():
     assert op(torch.empty(5, 3, 2, device="meta"), "feature").shape == (3, 3)
     out = op(torch.empty(5, 4, 2, device="meta", dtype=torch.bfloat16), "sample")
     assert out.device.type == "meta" and out.shape == (4, 4) and out.dtype == torch.float32
-    assert op(torch.empty(2, 6, 1, device="meta", dtype=torch.float64), "feature").dtype \
+    assert (
+        op(torch.empty(2, 6, 1, device="meta", dtype=torch.float64), "feature").dtype
         == torch.float64
+    )
 
 
 def test_torch_compile_fullgraph():

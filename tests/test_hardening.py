@@ -27,8 +27,11 @@ tp = pytest.importorskip("torch_pruning")
 
 def _mlp(seed=0, act=nn.ReLU):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 7), act(),
-                         nn.Linear(7, 3)).double().eval()
+    return (
+        nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 7), act(), nn.Linear(7, 3))
+        .double()
+        .eval()
+    )
 
 
 def _loader(n=36, shape=(6,), seed=1, bs=12):
@@ -39,16 +42,21 @@ def _loader(n=36, shape=(6,), seed=1, bs=12):
 
 def _slice(model, input_shape, pattern=lambda d: torch.arange(d) % 3 != 1):
     masks = {l.name: pattern(l.num_neurons) for l in neuslice.find_layers(model)}
-    return neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                          fingerprint=neuslice.model_fingerprint(model),
-                          input_shape=list(input_shape))
+    return neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=list(input_shape),
+    )
 
 
 def _state(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()],
-            [(p.requires_grad, None if p.grad is None else p.grad.clone())
-             for p in model.parameters()])
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+    )
 
 
 def _assert_same_state(model, before):
@@ -181,15 +189,17 @@ def test_concurrent_profiles_of_one_model_never_give_a_wrong_result():
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
     model.train()
     loader = _loader(n=48)
-    ref = neuslice.profile(copy.deepcopy(model), loader, 3, metrics=["avg", "taylor"],
-                           progress=False)
+    ref = neuslice.profile(
+        copy.deepcopy(model), loader, 3, metrics=["avg", "taylor"], progress=False
+    )
     before = _state(model)
     results, refused = [], []
 
     def run():
         try:
-            results.append(neuslice.profile(model, loader, 3, metrics=["avg", "taylor"],
-                                            progress=False))
+            results.append(
+                neuslice.profile(model, loader, 3, metrics=["avg", "taylor"], progress=False)
+            )
         except RuntimeError as exc:
             refused.append(exc)
 
@@ -216,9 +226,18 @@ class _FunctionalAct(nn.Module):
         return self.c(self.act(self.b(self.act(self.a(x)))))
 
 
-@pytest.mark.parametrize("act", [
-    torch.sigmoid, F.sigmoid, F.softplus, lambda t: F.softplus(t, beta=2.0), F.hardsigmoid,
-    lambda t: t.sigmoid(), lambda t: F.relu(torch.sigmoid(t))])
+@pytest.mark.parametrize(
+    "act",
+    [
+        torch.sigmoid,
+        F.sigmoid,
+        F.softplus,
+        lambda t: F.softplus(t, beta=2.0),
+        F.hardsigmoid,
+        lambda t: t.sigmoid(),
+        lambda t: F.relu(torch.sigmoid(t)),
+    ],
+)
 def test_masking_after_a_functional_activation_equals_removal(act):
     torch.manual_seed(0)
     model = _FunctionalAct(act).double().eval()
@@ -268,13 +287,17 @@ class _Transposed(nn.Module):
         return self.fc(torch.relu(self.up(torch.relu(self.c1(x)))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: _Pooled(lambda h: h.mean((2, 3))),
-    lambda: _Pooled(lambda h: torch.amax(h, dim=(2, 3))),
-    lambda: _Pooled(lambda h: h.amax((-1, -2), keepdim=True).flatten(1)),
-    lambda: _Pooled(lambda h: torch.sum(h, (2, 3))),
-    lambda: _Pooled(lambda h: h.mean(dim=[3]).amax(2)),
-    _Transposed])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _Pooled(lambda h: h.mean((2, 3))),
+        lambda: _Pooled(lambda h: torch.amax(h, dim=(2, 3))),
+        lambda: _Pooled(lambda h: h.amax((-1, -2), keepdim=True).flatten(1)),
+        lambda: _Pooled(lambda h: torch.sum(h, (2, 3))),
+        lambda: _Pooled(lambda h: h.mean(dim=[3]).amax(2)),
+        _Transposed,
+    ],
+)
 def test_reported_compression_rate_equals_the_removed_fraction(make):
     torch.manual_seed(0)
     model = make().double().eval()
@@ -330,8 +353,9 @@ def test_restructure_refuses_to_untie_weights_and_keeps_untouched_ties():
     model = _Tied(untouched=True).double().eval()
     sl = _slice(model, [8])
     sl.masks = {k: v for k, v in sl.masks.items() if k in ("a", "b")}
-    sl = neuslice.Slice(masks=sl.masks, strategy="global", metric="avg",
-                        fingerprint=sl.fingerprint, input_shape=[8])
+    sl = neuslice.Slice(
+        masks=sl.masks, strategy="global", metric="avg", fingerprint=sl.fingerprint, input_shape=[8]
+    )
     small, _ = _check_restructure(model, sl, x)
     assert small.head2.weight is small.emb.weight and small.a.weight.shape[0] < 8
 
@@ -340,8 +364,11 @@ def test_restructure_refuses_a_recurrent_consumer_clearly():
     class GRUNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.gru, self.head = nn.Linear(5, 6), nn.GRU(6, 4, batch_first=True), \
-                nn.Linear(4, 3)
+            self.fc, self.gru, self.head = (
+                nn.Linear(5, 6),
+                nn.GRU(6, 4, batch_first=True),
+                nn.Linear(4, 3),
+            )
 
         def forward(self, x):
             h, _ = self.gru(torch.relu(self.fc(x)))
@@ -369,13 +396,19 @@ def test_restructure_next_to_a_grouped_convolution_equals_masking(keep, which):
 
     torch.manual_seed(0)
     model = Grouped().double().eval()
-    masks = {l.name: torch.ones(l.num_neurons, dtype=torch.bool)
-             for l in neuslice.find_layers(model)}
-    for n in (["c1", "g"] if which == "both" else [which]):
+    masks = {
+        l.name: torch.ones(l.num_neurons, dtype=torch.bool) for l in neuslice.find_layers(model)
+    }
+    for n in ["c1", "g"] if which == "both" else [which]:
         masks[n] = torch.zeros(8, dtype=torch.bool)
         masks[n][keep] = True
-    sl = neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                        fingerprint=neuslice.model_fingerprint(model), input_shape=[2, 6, 6])
+    sl = neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[2, 6, 6],
+    )
     x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
     small, eff = _check_restructure(model, sl, x)
     assert _n(small) == _n(model) and bool(eff.masks["c1"].all() and eff.masks["g"].all())
@@ -395,9 +428,13 @@ class _Tokens(nn.Module):
         return self.head(torch.relu(self.fc2(h)))
 
 
-@pytest.mark.parametrize("make, x", [
-    (lambda: _Tokens(), torch.randint(0, 20, (30, 5))),
-    (lambda: _mlp(), torch.randn(30, 6, dtype=torch.float64))])
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: _Tokens(), torch.randint(0, 20, (30, 5))),
+        (lambda: _mlp(), torch.randn(30, 6, dtype=torch.float64)),
+    ],
+)
 def test_a_fully_frozen_model_profiles_like_the_trainable_one(make, x):
     torch.manual_seed(0)
     model = make().double().eval()
@@ -447,8 +484,12 @@ def test_output_fn_picks_the_logits(kind, fn):
         torch.testing.assert_close(got.scores("fc", metric), ref.scores("0", metric))
     with pytest.raises(TypeError, match="output_fn must be a callable"):
         neuslice.profile(model, loader, 3, progress=False, output_fn="logits")
-    assert "output_fn" not in neuslice.profiling.config.PassConfig.bind(
-        neuslice.profiling.config.ProfileConfig(output_fn=fn), 3).key()
+    assert (
+        "output_fn"
+        not in neuslice.profiling.config.PassConfig.bind(
+            neuslice.profiling.config.ProfileConfig(output_fn=fn), 3
+        ).key()
+    )
 
 
 # ------------------------------------------------------------------ 8. files
@@ -470,15 +511,22 @@ def _set(key, value):
     return lambda d: d.__setitem__(key, value)
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda d: d["category_masks"]["0"].__setitem__(0, "f0"), "category_masks"),
-    (lambda d: d["masks"].pop("4"), "masks"),
-    (lambda d: (d["masks"].pop("4"), d["kept"].pop("4"), d["sizes"].pop("4")), "category_masks"),
-    (_set("input_shape", [1, -8, 8]), "input_shape"),
-    (_set("input_shape", "1x8x8"), "input_shape"),
-    (_set("threshold", float("nan")), "threshold"),
-    (lambda d: d["kept"].__setitem__("0", "3/4"), "kept"),
-    (_set("notes", "x"), "notes")])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: d["category_masks"]["0"].__setitem__(0, "f0"), "category_masks"),
+        (lambda d: d["masks"].pop("4"), "masks"),
+        (
+            lambda d: (d["masks"].pop("4"), d["kept"].pop("4"), d["sizes"].pop("4")),
+            "category_masks",
+        ),
+        (_set("input_shape", [1, -8, 8]), "input_shape"),
+        (_set("input_shape", "1x8x8"), "input_shape"),
+        (_set("threshold", float("nan")), "threshold"),
+        (lambda d: d["kept"].__setitem__("0", "3/4"), "kept"),
+        (_set("notes", "x"), "notes"),
+    ],
+)
 def test_edited_slice_files_are_refused(tmp_path, edit, field):
     path = tmp_path / "edited.json"
     _edit_json(os.path.join(DATA, "slice.json"), path, edit)  # no checksum: every field checked
@@ -503,8 +551,11 @@ def test_the_checksum_detects_an_otherwise_valid_edit(tmp_path):
     with pytest.raises(ValueError, match="q.pt.*'checksum'"):
         neuslice.Profile.load(tmp_path / "q.pt")
 
-    payload = {k: v for k, v in ckpt.load(os.path.join(DATA, "run.ckpt")).items()
-               if k not in ("format", "version")}
+    payload = {
+        k: v
+        for k, v in ckpt.load(os.path.join(DATA, "run.ckpt")).items()
+        if k not in ("format", "version")
+    }
     assert ckpt.save(str(tmp_path / "r.ckpt"), payload)
     blob = torch.load(tmp_path / "r.ckpt", weights_only=True)
     blob["batches"] += 1
@@ -513,9 +564,15 @@ def test_the_checksum_detects_an_otherwise_valid_edit(tmp_path):
         ckpt.load(tmp_path / "s.ckpt")
 
 
-@pytest.mark.parametrize("key, value, field", [
-    ("0.mean", float("nan"), "0.mean"), ("4.m2", float("inf"), "4.m2"),
-    ("0.taylor", -1.0, "0.taylor"), ("0.count", -3.0, "0.count")])
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("0.mean", float("nan"), "0.mean"),
+        ("4.m2", float("inf"), "4.m2"),
+        ("0.taylor", -1.0, "0.taylor"),
+        ("0.count", -3.0, "0.count"),
+    ],
+)
 def test_profiles_with_bad_statistics_are_refused(tmp_path, key, value, field):
     blob = torch.load(os.path.join(DATA, "profile.pt"), weights_only=True)
     t = blob["tensors"][key]
@@ -560,15 +617,20 @@ def test_clip_counts_only_trainable_entries(train):
     model = _mlp()
     sl = _slice(model, [6])
     x, y = next(iter(_loader()))
-    opt = neuslice.MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, sl,
-                                   train=train)
+    opt = neuslice.MaskedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, sl, train=train
+    )
     F.cross_entropy(model(x), y).backward()
     raw = [p.grad.clone() for p in model.parameters()]
     # the reference: the same gradients with the frozen entries given no gradient, clipped by
     # torch (a whole frozen tensor: requires_grad=False, so it is left out)
     ref = copy.deepcopy(model)
-    plan = {id(p): rows for p, rows in
-            neuslice.maintenance.masked_optimizer._plan(model, sl, train, None).rows.values()}
+    plan = {
+        id(p): rows
+        for p, rows in neuslice.maintenance.masked_optimizer._plan(
+            model, sl, train, None
+        ).rows.values()
+    }
     params = []
     for p, q, g in zip(model.parameters(), ref.parameters(), raw):
         rows = plan[id(p)]

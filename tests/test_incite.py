@@ -47,14 +47,29 @@ class Untraceable(Residual):
 
 
 def mlp(outputs=K):
-    return nn.Sequential(nn.Flatten(), nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16),
-                         nn.ReLU(), nn.Linear(16, outputs))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(12, 20),
+        nn.ReLU(),
+        nn.Linear(20, 16),
+        nn.ReLU(),
+        nn.Linear(16, outputs),
+    )
 
 
 def bn_cnn(outputs=K):
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 9, 10), nn.Tanh(), nn.Linear(10, outputs))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 9, 10),
+        nn.Tanh(),
+        nn.Linear(10, outputs),
+    )
 
 
 def _fit(model, x, y, task, steps=60):
@@ -63,8 +78,7 @@ def _fit(model, x, y, task, steps=60):
 
 def _data(kind, task, n=90, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *((12,) if kind == "mlp" else (2, 6, 6)), generator=g,
-                    dtype=torch.float64)
+    x = torch.randn(n, *((12,) if kind == "mlp" else (2, 6, 6)), generator=g, dtype=torch.float64)
     flat = x.reshape(n, -1)
     if task == "classification":
         y = flat[:, :K].argmax(1)
@@ -99,8 +113,9 @@ def test_scores_equal_the_direct_definition(kind, task):
     total = sum(float(v.sum()) for v in ref.values())
     assert math.isfinite(total) and total > 0  # mutants do move the outputs
     for delta in (True, False):
-        got = neuslice.mutation_scores(model, loader, task, cluster_size=3, delta=delta,
-                                       progress=False)
+        got = neuslice.mutation_scores(
+            model, loader, task, cluster_size=3, delta=delta, progress=False
+        )
         _equal(got, ref, task)
         for name, s in got.items():  # every unit carries its cluster's score
             labels = cluster_units(model, [name], 3)[name]
@@ -115,8 +130,9 @@ def test_same_arithmetic_reference_and_batching():
     model, loader = _subject("res", "classification", seed=1)
     ref = reference_mutation_scores(model, loader, cluster_size=2, how="multiplier")
     for budget in (1e-7, 1e-4, 1.0):
-        got = neuslice.mutation_scores(model, loader, cluster_size=2, delta=False,
-                                       max_memory_gb=budget, progress=False)
+        got = neuslice.mutation_scores(
+            model, loader, cluster_size=2, delta=False, max_memory_gb=budget, progress=False
+        )
         _equal(got, ref, "classification")
 
 
@@ -129,8 +145,10 @@ def test_cluster_size_one_is_no_clustering():
     c = reference_mutation_scores(model, loader, clusters=singles)
     _equal(a, b, "classification")
     _equal(a, c, "classification")
-    assert all(torch.equal(cluster_layer(neuslice.find_layers(model, [n])[0].module, 1),
-                           singles[n]) for n in names)
+    assert all(
+        torch.equal(cluster_layer(neuslice.find_layers(model, [n])[0].module, 1), singles[n])
+        for n in names
+    )
 
 
 def test_ward_clustering_matches_scikit_learn():
@@ -150,10 +168,12 @@ def test_ward_clustering_matches_scikit_learn():
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()],
-            [p.requires_grad for p in model.parameters()],
-            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
 
 
 def _assert_same(model, snap):
@@ -213,8 +233,7 @@ def test_bad_inputs(monkeypatch):
     with pytest.raises(ValueError, match="no samples"):
         neuslice.mutation_scores(model, [], progress=False)
     with pytest.raises(ValueError, match="clusters"):
-        neuslice.mutation_scores(model, loader, clusters={"1": torch.zeros(3)},
-                                 progress=False)
+        neuslice.mutation_scores(model, loader, clusters={"1": torch.zeros(3)}, progress=False)
     # scikit-learn missing: the error names the extra; cluster_size=1 needs no clustering
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
@@ -240,8 +259,10 @@ def test_mutation_as_a_slicing_metric():
     g = neuslice.global_slice(prof, "mutation", 0.5)
     for layer, s in scores.items():
         order = torch.argsort(s.sum(0), descending=True, stable=True)
-        assert torch.equal(torch.nonzero(g.masks[layer]).flatten().sort().values,
-                           order[:math.ceil(0.5 * s.shape[1])].sort().values)
+        assert torch.equal(
+            torch.nonzero(g.masks[layer]).flatten().sort().values,
+            order[: math.ceil(0.5 * s.shape[1])].sort().values,
+        )
     c = neuslice.categorywise_slice(prof, "mutation", 0.25)
     assert c.category_masks["1"].shape == (K, 20)
     sem = neuslice.semantic_slice(prof, "mutation", 0.9)

@@ -11,9 +11,18 @@ from torch.utils.data import TensorDataset
 
 import neuslice
 from neuslice.experiments.data import load_digits, load_mnist5k
-from neuslice.maintenance.incremental import (incremental_run, learn_task, make_slicer, replay_bytes,
-                                  replay_subset, slice_bytes, split_tasks, task_accuracy,
-                                  task_logits, union_slice)
+from neuslice.maintenance.incremental import (
+    incremental_run,
+    learn_task,
+    make_slicer,
+    replay_bytes,
+    replay_subset,
+    slice_bytes,
+    split_tasks,
+    task_accuracy,
+    task_logits,
+    union_slice,
+)
 from neuslice.layers import model_fingerprint
 from neuslice.experiments.models import MLP, SmallCNN
 
@@ -46,12 +55,18 @@ def cnn() -> SmallCNN:
 
 
 def semantic(model, dataset, classes):
-    prof = neuslice.profile(model, neuslice.experiments.data.make_loader(dataset, batch_size=128),
-                            num_classes=10, metrics=("taylor",), progress=False)
+    prof = neuslice.profile(
+        model,
+        neuslice.experiments.data.make_loader(dataset, batch_size=128),
+        num_classes=10,
+        metrics=("taylor",),
+        progress=False,
+    )
     return neuslice.semantic_slice(prof, "taylor", threshold=0.9)
 
 
 # ---- split -------------------------------------------------------------------------------
+
 
 def test_split_tasks_keeps_global_labels(digits):
     train, _ = digits
@@ -75,6 +90,7 @@ def test_semantic_slice_skips_absent_categories(digits):
 
 
 # ---- the key property: task-A predictions under A's mask are unchanged ---------------------
+
 
 def _learn_a_then_b(model, tasks, groups):
     learn_task(model, tasks[0], groups[0], **TRAIN)
@@ -144,14 +160,23 @@ def test_chain_abc_keeps_a_and_b_exact(digits):
 
 # ---- the experiment driver -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ab_runs(digits):
     logging.getLogger("neuslice.profiling").setLevel(logging.ERROR)
     train, test = digits
     tr, te = split_tasks(train, AB), split_tasks(test, AB)
-    out = {m: incremental_run(mlp, tr, te, AB, m, **TRAIN)
-           for m in ("original", "retrain", "finetune", "replay10", "neusemslice",
-                     "neusemslice+replay10")}
+    out = {
+        m: incremental_run(mlp, tr, te, AB, m, **TRAIN)
+        for m in (
+            "original",
+            "retrain",
+            "finetune",
+            "replay10",
+            "neusemslice",
+            "neusemslice+replay10",
+        )
+    }
     logging.getLogger("neuslice.profiling").setLevel(logging.NOTSET)
     return out
 
@@ -201,14 +226,16 @@ def test_run_chain_abc_and_plugged_slicers(digits):
     assert [r["forgetting"] for r in rows[:3]] == [0.0, 0.0, 0.0]
     assert rows[0]["masked"] and rows[1]["masked"] and not rows[2]["masked"]
     for slicer in (make_slicer("global", value=0.5), make_slicer("categorywise", value=0.3)):
-        rows = incremental_run(mlp, tr[:2], te[:2], ABC[:2], "neusemslice", slicer=slicer,
-                               epochs=2, lr=3e-3)
+        rows = incremental_run(
+            mlp, tr[:2], te[:2], ABC[:2], "neusemslice", slicer=slicer, epochs=2, lr=3e-3
+        )
         assert rows[0]["forgetting"] == 0.0
     rows = incremental_run(mlp, tr, te, ABC, "replay5", epochs=2, lr=3e-3)
     assert rows[-1]["memory_bytes"] == replay_bytes(tr[0], 0.05) + replay_bytes(tr[1], 0.05)
 
 
 # ---- bytes ---------------------------------------------------------------------------------
+
 
 def test_slice_is_far_smaller_than_a_replay_buffer():
     train, _ = load_mnist5k()
@@ -227,14 +254,21 @@ def test_slice_is_far_smaller_than_a_replay_buffer():
     big = MLP()
     masks = {"fc1": torch.ones(512, dtype=torch.bool), "fc2": torch.ones(256, dtype=torch.bool)}
     cat = {k: torch.ones(10, v.numel(), dtype=torch.bool) for k, v in masks.items()}
-    worst = neuslice.Slice(masks=masks, strategy="semantic", metric="taylor",
-                           fingerprint=model_fingerprint(big), input_shape=[1, 28, 28],
-                           category_masks=cat, threshold=0.9)
+    worst = neuslice.Slice(
+        masks=masks,
+        strategy="semantic",
+        metric="taylor",
+        fingerprint=model_fingerprint(big),
+        input_shape=[1, 28, 28],
+        category_masks=cat,
+        threshold=0.9,
+    )
     assert slice_bytes(worst) * 50 < replay_bytes(train, 0.1)
     assert slice_bytes(worst) < replay_bytes(train, 0.1) / 100 * 10  # 1% of the buffer
 
 
 # ---- bad input -----------------------------------------------------------------------------
+
 
 def test_bad_inputs(digits):
     train, test = digits
@@ -289,8 +323,11 @@ def test_task_batchnorm_keeps_each_task_exact_and_counts_its_bytes(digits):
     plain = incremental_run(cnn, tr, te, ABC, "neusemslice", **kw)
     with_bn = incremental_run(cnn, tr, te, ABC, "neusemslice", task_batchnorm=True, **kw)
     assert [r["forgetting"] for r in with_bn[:3]] == [0.0, 0.0, 0.0]
-    n_bn = sum(m.running_mean.numel() * 2 * 4 + 8 for m in cnn().modules()
-               if isinstance(m, torch.nn.BatchNorm2d) or isinstance(m, torch.nn.BatchNorm1d))
+    n_bn = sum(
+        m.running_mean.numel() * 2 * 4 + 8
+        for m in cnn().modules()
+        if isinstance(m, torch.nn.BatchNorm2d) or isinstance(m, torch.nn.BatchNorm1d)
+    )
     assert with_bn[-1]["memory_bytes"] == plain[-1]["memory_bytes"] + 2 * n_bn
     # the model after task A, sliced: its masked accuracy with the recalibrated statistics is
     # the run's task-A accuracy at learning time

@@ -14,8 +14,15 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "neuslice"
-SUBPACKAGES = {"profiling", "runtime", "maintenance", "decomposition", "experiments", "ops",
-               "_utils"}
+SUBPACKAGES = {
+    "profiling",
+    "runtime",
+    "maintenance",
+    "decomposition",
+    "experiments",
+    "ops",
+    "_utils",
+}
 
 
 def _modules():
@@ -55,8 +62,12 @@ def _layer(module: str) -> str:
 
 def test_every_module_is_seen():
     mods = {m for _, m, _ in _modules()}
-    assert {"neuslice.profiling.profile", "neuslice.maintenance.restructure",
-            "neuslice.experiments.cli", "neuslice.slicing"} <= mods
+    assert {
+        "neuslice.profiling.profile",
+        "neuslice.maintenance.restructure",
+        "neuslice.experiments.cli",
+        "neuslice.slicing",
+    } <= mods
 
 
 def test_library_never_imports_the_experiments():
@@ -80,19 +91,25 @@ def test_no_private_names_across_subpackages():
             there = _layer(target)
             if there in (here, "_utils"):
                 continue
-            private_module = [p for p in target.split(".")[1:] if p.startswith("_")
-                              and p not in ("_utils", "_C")]
+            private_module = [
+                p for p in target.split(".")[1:] if p.startswith("_") and p not in ("_utils", "_C")
+            ]
             private_names = [n for n in names if n.startswith("_") and n != "_C"]
             if private_module or private_names:
                 bad.append(f"{module} imports {target} {private_names}")
     assert not bad, "private names cross subpackages:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("old,new", [("evaluate", "experiments.sweep"),
-                                     ("optim", "maintenance.masked_optimizer"),
-                                     ("zoo", "experiments.zoo"),
-                                     ("data", "experiments.data"),
-                                     ("stats", "profiling.stats")])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("evaluate", "experiments.sweep"),
+        ("optim", "maintenance.masked_optimizer"),
+        ("zoo", "experiments.zoo"),
+        ("data", "experiments.data"),
+        ("stats", "profiling.stats"),
+    ],
+)
 def test_old_import_paths_warn_and_work(old, new):
     import importlib
 

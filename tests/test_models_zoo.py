@@ -15,13 +15,30 @@ import neuslice
 from neuslice.slicing import Slice
 
 from conftest import (
-    NUM_CLASSES, TinyResNet, _lift_bias, _randomize_bn, captum_deeplift, make_data,
-    close, make_loader, make_twin_pair, max_rel_err, outputs_of, per_sample,
+    NUM_CLASSES,
+    TinyResNet,
+    _lift_bias,
+    _randomize_bn,
+    captum_deeplift,
+    make_data,
+    close,
+    make_loader,
+    make_twin_pair,
+    max_rel_err,
+    outputs_of,
+    per_sample,
 )
 
 C = NUM_CLASSES
-KINDS = ["inplace_mlp", "inplace_leaky_mlp", "inplace_cnn", "reused_mlp", "reused_cnn",
-         "functional_cnn", "functional_nobn"]
+KINDS = [
+    "inplace_mlp",
+    "inplace_leaky_mlp",
+    "inplace_cnn",
+    "reused_mlp",
+    "reused_cnn",
+    "functional_cnn",
+    "functional_nobn",
+]
 
 
 def _data_for(kind):
@@ -67,10 +84,17 @@ def test_variant_masked_like_its_plain_twin(kind):
     var.eval()
     twin.eval()
     ref = var(x)
-    for sl in (neuslice.global_slice(prof, "taylor", 0.4),
-               neuslice.semantic_slice(prof, "avg", 0.8)):
-        twin_sl = Slice(masks=sl.masks, strategy=sl.strategy, metric=sl.metric,
-                        fingerprint=neuslice.model_fingerprint(twin), input_shape=[])
+    for sl in (
+        neuslice.global_slice(prof, "taylor", 0.4),
+        neuslice.semantic_slice(prof, "avg", 0.8),
+    ):
+        twin_sl = Slice(
+            masks=sl.masks,
+            strategy=sl.strategy,
+            metric=sl.metric,
+            fingerprint=neuslice.model_fingerprint(twin),
+            input_shape=[],
+        )
         with neuslice.masked(var, sl):
             got = var(x)
         with neuslice.masked(twin, twin_sl):
@@ -85,7 +109,10 @@ def test_reused_relu_call_indices():
     var, _, _ = make_twin_pair("reused_cnn")
     layers = neuslice.find_layers(var)
     assert [(l.name, l.hook_name, l.call_index) for l in layers] == [
-        ("conv1", "act", 0), ("conv2", "act", 1), ("fc1", "act", 2)]
+        ("conv1", "act", 0),
+        ("conv2", "act", 1),
+        ("fc1", "act", 2),
+    ]
     assert [l.consumers for l in layers] == [[("conv2", 9)], [("fc1", 9)], [("head", 1)]]
 
 
@@ -131,8 +158,10 @@ def test_residual_masked_equals_zeroed_batchnorm(resnet_setup):
     model, x, y, prof = resnet_setup
     model.eval()
     ref = model(x)
-    for sl in (neuslice.global_slice(prof, "avg", 0.5),
-               neuslice.semantic_slice(prof, "deeplift", 0.7)):
+    for sl in (
+        neuslice.global_slice(prof, "avg", 0.5),
+        neuslice.semantic_slice(prof, "deeplift", 0.7),
+    ):
         manual = copy.deepcopy(model)
         with torch.no_grad():
             for layer, bn in (("stem", manual.bn0), ("conv1", manual.bn1), ("conv2", manual.bn2)):
@@ -187,8 +216,7 @@ def test_resnet18_smoke():
     x = torch.randn(8, 3, 32, 32)
     y = torch.arange(8) % C
     loader = make_loader(x, y, 4)
-    prof = neuslice.profile(model, loader, C, hsic_route="minibatch", cka_batch=4,
-                            progress=False)
+    prof = neuslice.profile(model, loader, C, hsic_route="minibatch", cka_batch=4, progress=False)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert prof.layers == convs
     for layer in prof.layers:

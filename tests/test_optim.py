@@ -12,8 +12,7 @@ import neuslice
 from neuslice.maintenance.masked_optimizer import MaskedOptimizer, trainable_fraction
 
 OPTIMIZERS = {
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2,
-                                      nesterov=True),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-1),
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, weight_decay=1e-2),
@@ -22,15 +21,24 @@ OPTIMIZERS = {
 
 def make_mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                         nn.Linear(12, 4))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)
+    )
 
 
 def make_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 SHAPES = {"mlp": [8], "cnn": [2, 5, 5]}
@@ -44,8 +52,13 @@ def random_slice(model: nn.Module, input_shape: list[int], seed: int = 1) -> neu
         m = torch.rand(l.num_neurons, generator=g) < 0.5
         m[0], m[-1] = True, False  # both kinds present
         masks[l.name] = m
-    return neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                          fingerprint=neuslice.model_fingerprint(model), input_shape=input_shape)
+    return neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=input_shape,
+    )
 
 
 def run_steps(model: nn.Module, opt, kind: str, steps: int = 5) -> None:
@@ -103,8 +116,13 @@ def test_protect_classes(kind):
     model = BUILD[kind]()
     sl = random_slice(model, SHAPES[kind])
     before = copy.deepcopy(model)
-    opt = MaskedOptimizer(OPTIMIZERS["adamw"](model.parameters()), model, sl,
-                          train="noncritical", protect_classes=[0, 2])
+    opt = MaskedOptimizer(
+        OPTIMIZERS["adamw"](model.parameters()),
+        model,
+        sl,
+        train="noncritical",
+        protect_classes=[0, 2],
+    )
     run_steps(model, opt, kind)
     check(before, model, sl, "noncritical", protect=[0, 2])
 
@@ -112,9 +130,13 @@ def test_protect_classes(kind):
 def test_non_sliced_layers_follow_rule():
     model = make_mlp()
     g = torch.Generator().manual_seed(3)
-    sl = neuslice.Slice(masks={"2": torch.rand(12, generator=g) < 0.5}, strategy="global",
-                        metric="avg", fingerprint=neuslice.model_fingerprint(model),
-                        input_shape=[8])
+    sl = neuslice.Slice(
+        masks={"2": torch.rand(12, generator=g) < 0.5},
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[8],
+    )
     for train, moves in (("critical", False), ("noncritical", True)):
         m = make_mlp()
         before = copy.deepcopy(m)
@@ -158,8 +180,13 @@ def test_closure_and_state_dict_round_trip():
 def test_construction_does_not_modify_model():
     model = make_cnn()
     sd = copy.deepcopy(model.state_dict())
-    MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                    random_slice(model, SHAPES["cnn"]), train="noncritical", protect_classes=[1])
+    MaskedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        random_slice(model, SHAPES["cnn"]),
+        train="noncritical",
+        protect_classes=[1],
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k])
 
@@ -208,10 +235,17 @@ def test_bad_inputs():
 def test_trainable_fraction_hand_count():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
-    masks = {"0": torch.tensor([1, 0, 1, 0], dtype=torch.bool),
-             "2": torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)}
-    sl = neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                        fingerprint=neuslice.model_fingerprint(model), input_shape=[3])
+    masks = {
+        "0": torch.tensor([1, 0, 1, 0], dtype=torch.bool),
+        "2": torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool),
+    }
+    sl = neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[3],
+    )
     total = 4 * 4 + 5 * 5 + 2 * 6
     assert trainable_fraction(model, sl, "critical") == (2 * 4 + 2 * 5 + 2 * 6) / total
     assert trainable_fraction(model, sl, "noncritical") == (2 * 4 + 3 * 5 + 2 * 6) / total

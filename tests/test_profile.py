@@ -17,8 +17,19 @@ from neuslice import cka
 from neuslice.profiling.profile import Profile
 
 from conftest import (
-    IN_FEATURES as IN, NUM_CLASSES, assert_same_snapshot, build, captum_deeplift, direct_taylor,
-    make_data, make_loader, make_mlp, max_rel_err, outputs_of, per_sample, snapshot,
+    IN_FEATURES as IN,
+    NUM_CLASSES,
+    assert_same_snapshot,
+    build,
+    captum_deeplift,
+    direct_taylor,
+    make_data,
+    make_loader,
+    make_mlp,
+    max_rel_err,
+    outputs_of,
+    per_sample,
+    snapshot,
 )
 
 C = NUM_CLASSES
@@ -111,9 +122,12 @@ def test_taylor_act_definition(profiled):
     mods = dict(model.named_modules())
     m = model
     got = {}
-    handles = [mods[o].register_forward_hook(
-        lambda _m, _i, out, _l=l: (got.__setitem__(_l, out), out.retain_grad())[0])
-        for l, o in outs.items()]
+    handles = [
+        mods[o].register_forward_hook(
+            lambda _m, _i, out, _l=l: (got.__setitem__(_l, out), out.retain_grad())[0]
+        )
+        for l, o in outs.items()
+    ]
     try:
         model.eval()
         loss = nn.functional.cross_entropy(m(x), y, reduction="sum")
@@ -143,7 +157,7 @@ def test_feature_route_is_exact_biased_hsic(profiled):
 def _chunked_unbiased(a: torch.Tensor, size: int) -> torch.Tensor:
     total, weight = 0, 0
     for s in range(0, a.shape[0], size):
-        chunk = a[s:s + size]
+        chunk = a[s : s + size]
         if chunk.shape[0] >= 4:
             total = total + cka.neuron_hsic(chunk, "unbiased") * chunk.shape[0]
             weight += chunk.shape[0]
@@ -158,8 +172,10 @@ def test_minibatch_route_chunks_independent_of_loader_batch(kind):
     x, y = make_data(47, "vec" if kind == "mlp" else "img")
     assert sorted(torch.bincount(y).tolist()) == [15, 16, 16]
     acts = category_acts(model, outs, x, y)
-    profs = [run(model, make_loader(x, y, bs), metrics=("avg",), hsic_route="minibatch",
-                 cka_batch=6) for bs in (5, 7, 47)]
+    profs = [
+        run(model, make_loader(x, y, bs), metrics=("avg",), hsic_route="minibatch", cka_batch=6)
+        for bs in (5, 7, 47)
+    ]
     for layer in outs:
         for c in range(C):
             ref = _chunked_unbiased(acts[layer][c], 6)
@@ -195,17 +211,29 @@ def test_streaming_equals_single_full_batch(route):
             for m in metrics:
                 for c in [None] + list(range(C)):
                     sa, sb = a.scores(layer, m, c), b.scores(layer, m, c)
-                    assert (sa - sb).abs().max() <= 1e-10 * max(1.0, float(sb.abs().max())), \
-                        (kind, layer, m, c)
+                    assert (sa - sb).abs().max() <= 1e-10 * max(1.0, float(sb.abs().max())), (
+                        kind,
+                        layer,
+                        m,
+                        c,
+                    )
             for c in range(C):
                 assert max_rel_err(a.hsic(layer, c), b.hsic(layer, c)) < 1e-10
 
 
 def test_profiling_ignores_train_mode_and_dropout():
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        fc1=nn.Linear(12, 10), bn=nn.BatchNorm1d(10), relu1=nn.ReLU(), drop=nn.Dropout(0.5),
-        fc2=nn.Linear(10, 8), relu2=nn.ReLU(), head=nn.Linear(8, C))).double()
+    model = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(12, 10),
+            bn=nn.BatchNorm1d(10),
+            relu1=nn.ReLU(),
+            drop=nn.Dropout(0.5),
+            fc2=nn.Linear(10, 8),
+            relu2=nn.ReLU(),
+            head=nn.Linear(8, C),
+        )
+    ).double()
     x, y = make_data(45)
     loader = make_loader(x, y, 7)
     model.train()
@@ -223,8 +251,16 @@ def test_save_load_round_trip(profiled, tmp_path):
     path = tmp_path / "p.neuslice"
     prof.save(path)
     back = Profile.load(path)
-    for f in ("layers", "num_neurons", "num_classes", "metrics", "fingerprint", "input_shape",
-              "hsic_routes", "warnings"):
+    for f in (
+        "layers",
+        "num_neurons",
+        "num_classes",
+        "metrics",
+        "fingerprint",
+        "input_shape",
+        "hsic_routes",
+        "warnings",
+    ):
         assert getattr(back, f) == getattr(prof, f), f
     assert back.tensors.keys() == prof.tensors.keys()
     for k in prof.tensors:
@@ -284,23 +320,34 @@ def _bad_cases(x, y):
     neg = y.clone()
     neg[0] = -1
     return {
-        "unknown_layer": (dict(loader=make_loader(x, y), layers=["nope"]),
-                          ValueError, r"unknown layer name.*nope"),
-        "not_sliceable": (dict(loader=make_loader(x, y), layers=["relu1"]),
-                          ValueError, "not nn.Linear/nn.Conv2d"),
+        "unknown_layer": (
+            dict(loader=make_loader(x, y), layers=["nope"]),
+            ValueError,
+            r"unknown layer name.*nope",
+        ),
+        "not_sliceable": (
+            dict(loader=make_loader(x, y), layers=["relu1"]),
+            ValueError,
+            "not nn.Linear/nn.Conv2d",
+        ),
         "only_inputs": (dict(loader=_OnlyInputs(x)), TypeError, r"\(inputs, labels\)"),
         "only_inputs_dataset": (
-            dict(loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x),
-                                                    batch_size=5)),
-            TypeError, r"\(inputs, labels\)"),
+            dict(
+                loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=5)
+            ),
+            TypeError,
+            r"\(inputs, labels\)",
+        ),
         "label_too_big": (dict(loader=make_loader(x, big)), ValueError, r"\[0, 3\)"),
         "label_negative": (dict(loader=make_loader(x, neg)), ValueError, r"\[0, 3\)"),
         "float_labels": (dict(loader=make_loader(x, float_y)), ValueError, "integer"),
-        "unknown_metric": (dict(loader=make_loader(x, y), metrics=("avg", "bogus")),
-                           ValueError, "unknown metric.*bogus"),
+        "unknown_metric": (
+            dict(loader=make_loader(x, y), metrics=("avg", "bogus")),
+            ValueError,
+            "unknown metric.*bogus",
+        ),
         "empty_loader": (dict(loader=[]), ValueError, "no samples"),
-        "bad_route": (dict(loader=make_loader(x, y), hsic_route="exact"),
-                      ValueError, "hsic_route"),
+        "bad_route": (dict(loader=make_loader(x, y), hsic_route="exact"), ValueError, "hsic_route"),
         "bad_cka_batch": (dict(loader=make_loader(x, y), cka_batch=3), ValueError, "cka_batch"),
     }
 
@@ -425,18 +472,28 @@ def test_dead_neurons_are_warned_and_finite():
 # -------------------------------------------------------------- the model is left untouched
 def _state_model():
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(2, 4, 3, padding=1), bn1=nn.BatchNorm2d(4), relu1=nn.ReLU(),
-        drop1=nn.Dropout2d(0.3),
-        conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1), bn2=nn.BatchNorm2d(5),
-        relu2=nn.ReLU(inplace=True), flatten=nn.Flatten(),
-        fc1=nn.Linear(45, 6), bn3=nn.BatchNorm1d(6), relu3=nn.ReLU(), drop2=nn.Dropout(0.5),
-        head=nn.Linear(6, C))).double()
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(2, 4, 3, padding=1),
+            bn1=nn.BatchNorm2d(4),
+            relu1=nn.ReLU(),
+            drop1=nn.Dropout2d(0.3),
+            conv2=nn.Conv2d(4, 5, 3, stride=2, padding=1),
+            bn2=nn.BatchNorm2d(5),
+            relu2=nn.ReLU(inplace=True),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(45, 6),
+            bn3=nn.BatchNorm1d(6),
+            relu3=nn.ReLU(),
+            drop2=nn.Dropout(0.5),
+            head=nn.Linear(6, C),
+        )
+    ).double()
     model.train()
-    model.bn2.eval()          # some modules individually in eval mode
+    model.bn2.eval()  # some modules individually in eval mode
     model.drop2.eval()
     model.conv1.weight.grad = torch.randn_like(model.conv1.weight)  # an existing grad
-    model.fc1.bias.requires_grad_(False)                              # a frozen parameter
+    model.fc1.bias.requires_grad_(False)  # a frozen parameter
     with torch.no_grad():
         model.bn1.running_mean.add_(0.1)
     return model
@@ -450,10 +507,10 @@ class _NaNAt:
 
     def __iter__(self):
         for i, s in enumerate(range(0, len(self.y), 6)):
-            xb = self.x[s:s + 6].clone()
+            xb = self.x[s : s + 6].clone()
             if i == self.at:
                 xb[0, 0, 0, 0] = float("nan")
-            yield xb, self.y[s:s + 6]
+            yield xb, self.y[s : s + 6]
 
 
 class _Explode:
@@ -521,8 +578,11 @@ def test_load_rejects_incomplete_metadata(profiled, tmp_path):
     prof.save(good)
     blob = torch.load(good, weights_only=True)
     meta = json.loads(blob["meta"])
-    for broken in ({k: v for k, v in meta.items() if k != "layers"},
-                   {**meta, "num_neurons": {}}, [1, 2]):
+    for broken in (
+        {k: v for k, v in meta.items() if k != "layers"},
+        {**meta, "num_neurons": {}},
+        [1, 2],
+    ):
         p = tmp_path / "broken.pt"
         torch.save({"meta": json.dumps(broken), "tensors": blob["tensors"]}, p)
         with pytest.raises(ValueError, match="corrupt|not a readable"):

@@ -64,8 +64,13 @@ def test_feature_route_is_order_invariant_across_modes():
     model = build("cnn")
     x, y = make_data(40, "img", num_classes=C)
     ref = _prof(model, _loader(x, y, 7), hsic_route="feature", metrics=("avg", "var", "deeplift"))
-    got = _prof(model, _grouped(x, y, 5, seed=3), hsic_route="feature", category_order="grouped",
-                metrics=("avg", "var", "deeplift"))
+    got = _prof(
+        model,
+        _grouped(x, y, 5, seed=3),
+        hsic_route="feature",
+        category_order="grouped",
+        metrics=("avg", "var", "deeplift"),
+    )
     for layer in ref.layers:
         for c in range(C):
             for metric in ("avg", "var", "deeplift"):
@@ -117,6 +122,7 @@ def test_thousand_categories_grouped_keeps_few_accumulators(monkeypatch):
     def spy(self, a, labels):
         orig(self, a, labels)
         peak[0] = max(peak[0], len(self.open))
+
     monkeypatch.setattr(_layer_state.LayerState, "update_hsic", spy)
     loader = _grouped(x, y, 16, shuffle=False)
     kw = dict(num_classes=n_cls, metrics=("avg", "deeplift"), hsic_route="minibatch", cka_batch=4)
@@ -141,8 +147,11 @@ def test_memory_budget_refusal_is_clear_and_harmless():
 def test_memory_estimate_scaling():
     model = build("cnn")
     x, _ = make_data(2, "img", num_classes=C)
-    est = {(c, order): neuslice.estimate_profile_memory(model, x, c, category_order=order)
-           for c in (100, 200, 400) for order in ("any", "grouped")}
+    est = {
+        (c, order): neuslice.estimate_profile_memory(model, x, c, category_order=order)
+        for c in (100, 200, 400)
+        for order in ("any", "grouped")
+    }
     any_ = [est[(c, "any")].total for c in (100, 200, 400)]
     assert any_[2] - any_[1] == pytest.approx(2 * (any_[1] - any_[0]))  # linear in C
     grouped = [est[(c, "grouped")] for c in (100, 200, 400)]
@@ -188,13 +197,27 @@ def test_grouped_budget_rechecked_when_a_batch_opens_many_categories():
     y = torch.arange(n_cls).repeat_interleave(2)
     shapes = [(l.name, l.num_neurons, 1) for l in find_layers(model)]
     kw = dict(hsic_route="feature", category_order="grouped", keep_hsic=False, batch_size=20)
-    two, ten = estimate(shapes, n_cls, open_categories=2, **kw), estimate(shapes, n_cls,
-                                                                         open_categories=10, **kw)
+    two, ten = (
+        estimate(shapes, n_cls, open_categories=2, **kw),
+        estimate(shapes, n_cls, open_categories=10, **kw),
+    )
     budget = (two.total + ten.total) / 2 / 2**30
     before = snapshot(model)
     with pytest.raises(MemoryBudgetError, match="10 categories are open at once"):
-        _prof(model, _grouped(x, y, 20, shuffle=False), num_classes=n_cls, hsic_route="feature",
-              category_order="grouped", max_memory_gb=budget)
+        _prof(
+            model,
+            _grouped(x, y, 20, shuffle=False),
+            num_classes=n_cls,
+            hsic_route="feature",
+            category_order="grouped",
+            max_memory_gb=budget,
+        )
     assert_same_snapshot(before, snapshot(model))
-    _prof(model, _grouped(x, y, 4, shuffle=False), num_classes=n_cls, hsic_route="feature",
-          category_order="grouped", max_memory_gb=budget)  # 2 categories per batch: fits
+    _prof(
+        model,
+        _grouped(x, y, 4, shuffle=False),
+        num_classes=n_cls,
+        hsic_route="feature",
+        category_order="grouped",
+        max_memory_gb=budget,
+    )  # 2 categories per batch: fits

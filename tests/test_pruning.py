@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from neuslice.maintenance.pruning import (
-    METHODS, PruneReport, compression_rate, iterative_prune, prune_weights,
-    remove_reparametrization, sparsity,
+    METHODS,
+    PruneReport,
+    compression_rate,
+    iterative_prune,
+    prune_weights,
+    remove_reparametrization,
+    sparsity,
 )
 
 
@@ -25,8 +30,11 @@ def _mask(layer: nn.Module) -> torch.Tensor:
 
 
 def _kept(model: nn.Module) -> int:
-    return sum(int(m.weight_mask.sum()) if hasattr(m, "weight_mask") else m.weight.numel()
-               for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    return sum(
+        int(m.weight_mask.sum()) if hasattr(m, "weight_mask") else m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
 
 
 def _mlp(sizes, seed=0) -> nn.Sequential:
@@ -39,8 +47,15 @@ def _mlp(sizes, seed=0) -> nn.Sequential:
 
 def _cnn(seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(2 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 3),
+    )
 
 
 # ------------------------------------------------------------------------- global vs LAMP
@@ -86,8 +101,11 @@ def test_lamp_scores_match_formula():
     k = n - round(0.6 * n)
     expected = {where[j] for j in order[:k]}
     prune_weights(model, "lamp", 0.4)
-    got = {(li, i) for li, layer in enumerate([model[0], model[2]])
-           for i in (layer.weight_mask.flatten() == 0).nonzero().flatten().tolist()}
+    got = {
+        (li, i)
+        for li, layer in enumerate([model[0], model[2]])
+        for i in (layer.weight_mask.flatten() == 0).nonzero().flatten().tolist()
+    }
     assert got == expected
 
 
@@ -173,7 +191,7 @@ def test_rounds_compound(method):
         prune_weights(model, method, 0.2)
         expected = math.floor(0.8 * expected + 0.5)
         assert _kept(model) == expected
-    assert sparsity(model) == pytest.approx(1 - 0.8 ** 3, abs=2e-3)
+    assert sparsity(model) == pytest.approx(1 - 0.8**3, abs=2e-3)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -262,10 +280,11 @@ def test_iterative_prune_reverts_first_round_to_dense():
 
 def test_iterative_prune_max_rounds():
     model = _mlp([4, 5, 2])
-    report = iterative_prune(model, "erk", lambda m: 0.9, lambda m: None, amount=0.1,
-                             max_rounds=3)
+    report = iterative_prune(model, "erk", lambda m: 0.9, lambda m: None, amount=0.1, max_rounds=3)
     assert report.rounds == 3 and report.accuracy == 0.9 and len(report.history) == 4
-    assert _kept(model) == math.floor(0.9 * math.floor(0.9 * math.floor(0.9 * 30 + .5) + .5) + .5)
+    assert _kept(model) == math.floor(
+        0.9 * math.floor(0.9 * math.floor(0.9 * 30 + 0.5) + 0.5) + 0.5
+    )
 
 
 # ------------------------------------------------------------------------------- bad input

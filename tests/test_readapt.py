@@ -14,8 +14,16 @@ import neuslice
 from neuslice.experiments.data import DIGITS_MEAN, DIGITS_STD, load_digits
 from neuslice.experiments.models import MLP
 from neuslice.maintenance.masked_optimizer import trainable_fraction
-from neuslice.maintenance.readapt import (NormalizedModel, ReadaptResult, adversarial_dataset, denormalize,
-                              evaluate_readaptation, make_attack, normalize, readapt)
+from neuslice.maintenance.readapt import (
+    NormalizedModel,
+    ReadaptResult,
+    adversarial_dataset,
+    denormalize,
+    evaluate_readaptation,
+    make_attack,
+    normalize,
+    readapt,
+)
 from neuslice.experiments.train import evaluate, seed_everything, train_classifier
 
 pytest.importorskip("torchattacks")
@@ -45,7 +53,8 @@ def adv_sets(trained, digits):
     train_set, test_set = digits
     attack = make_attack(trained, "pgd", eps=READAPT_EPS, **NORM)
     return adversarial_dataset(trained, train_set, attack), adversarial_dataset(
-        trained, test_set, attack)
+        trained, test_set, attack
+    )
 
 
 def half_slice(model: nn.Module, seed: int = 1) -> neuslice.Slice:
@@ -56,8 +65,13 @@ def half_slice(model: nn.Module, seed: int = 1) -> neuslice.Slice:
         mask = torch.zeros(layer.num_neurons, dtype=torch.bool)
         mask[torch.randperm(layer.num_neurons, generator=g)[: layer.num_neurons // 2]] = True
         masks[layer.name] = mask
-    return neuslice.Slice(masks=masks, strategy="random", metric=None,
-                          fingerprint=neuslice.model_fingerprint(model), input_shape=[1, 8, 8])
+    return neuslice.Slice(
+        masks=masks,
+        strategy="random",
+        metric=None,
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[1, 8, 8],
+    )
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:

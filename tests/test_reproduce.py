@@ -43,8 +43,10 @@ def test_rq2_cli_writes_table_and_png(rq2_rows, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(rq2, "run_rq2", lambda config: rq2_rows)  # the run itself is tested above
     out = tmp_path / "out"
-    assert main(["reproduce", "rq2", "--setting", "mlp-digits", "--seeds", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["reproduce", "rq2", "--setting", "mlp-digits", "--seeds", "0", "--out", str(out)])
+        == 0
+    )
     assert "NeuSemSlice+LAMP" in (out / "rq2_mlp-digits.txt").read_text()
     data = (out / "rq2_mlp-digits.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000

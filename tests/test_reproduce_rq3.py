@@ -8,8 +8,13 @@ pytest.importorskip("torchattacks")
 pytest.importorskip("sklearn")
 
 from neuslice.experiments.cli import main  # noqa: E402
-from neuslice.experiments.reproduce_rq3 import (METHODS, RQ3Config, format_rq3, plot_rq3,  # noqa: E402
-                                    run_rq3)
+from neuslice.experiments.reproduce_rq3 import (
+    METHODS,
+    RQ3Config,
+    format_rq3,
+    plot_rq3,  # noqa: E402
+    run_rq3,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -18,8 +23,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def rq3_rows(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEUSLICE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        config = RQ3Config(setting="mlp-digits", seeds=(0,), epochs=3, readapt_epochs=1,
-                           attacks=("fgsm",), n_adv_train=200, n_adv_test=200)
+        config = RQ3Config(
+            setting="mlp-digits",
+            seeds=(0,),
+            epochs=3,
+            readapt_epochs=1,
+            attacks=("fgsm",),
+            n_adv_train=200,
+            n_adv_test=200,
+        )
         return run_rq3(config, progress=False)
 
 
@@ -33,8 +45,9 @@ def test_rq3_digits_smoke(rq3_rows):
         assert 0 <= row.original_adv[0] <= 1
     assert rows[("Full training", "fgsm")].tpr[0] == 1.0
     assert rows[("NeuSemSlice", "fgsm")].tpr[0] < 1.0
-    assert (rows[("NeuSemSlice+DeepArc", "fgsm")].tpr[0]
-            <= rows[("NeuSemSlice", "fgsm")].tpr[0] + 1e-12)
+    assert (
+        rows[("NeuSemSlice+DeepArc", "fgsm")].tpr[0] <= rows[("NeuSemSlice", "fgsm")].tpr[0] + 1e-12
+    )
     text = format_rq3(rows, "mlp-digits")
     for method in METHODS:
         assert method in text
@@ -55,18 +68,30 @@ def test_rq3_cli_writes_table_and_png(rq3_rows, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rq3, "run_rq3", lambda config: rq3_rows)  # the run is tested above
     out = tmp_path / "out"
-    assert main(["reproduce", "rq3", "--setting", "mlp-digits", "--seeds", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["reproduce", "rq3", "--setting", "mlp-digits", "--seeds", "0", "--out", str(out)])
+        == 0
+    )
     assert "NeuSemSlice+DeepArc" in (out / "rq3_mlp-digits.txt").read_text()
     data = (out / "rq3_mlp-digits.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"setting": "cnn-cifar"}, {"seeds": ()}, {"attacks": ("cw",)}, {"attacks": ()},
-    {"n_adv_train": 0}, {"readapt_epochs": 0}, {"fgsm_eps": 1.5}, {"pgd_eps": 0.0},
-    {"lr": 0.0}, {"deeparc_threshold": 0.0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"setting": "cnn-cifar"},
+        {"seeds": ()},
+        {"attacks": ("cw",)},
+        {"attacks": ()},
+        {"n_adv_train": 0},
+        {"readapt_epochs": 0},
+        {"fgsm_eps": 1.5},
+        {"pgd_eps": 0.0},
+        {"lr": 0.0},
+        {"deeparc_threshold": 0.0},
+    ],
+)
 def test_rq3_bad_config(kwargs):
     with pytest.raises(ValueError):
         RQ3Config(**kwargs)

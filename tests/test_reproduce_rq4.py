@@ -26,15 +26,15 @@ def _run(tmp_path_factory, **kwargs):
 
 @pytest.fixture(scope="module")
 def digits_rows(tmp_path_factory, one_thread):
-    return _run(tmp_path_factory, setting="mlp-digits", seeds=(0,), epochs=3, scenario="ab",
-                hidden=(64, 32))
+    return _run(
+        tmp_path_factory, setting="mlp-digits", seeds=(0,), epochs=3, scenario="ab", hidden=(64, 32)
+    )
 
 
 @pytest.fixture(scope="module")
 def cnn_rows(tmp_path_factory, one_thread):
     # fast mode: 1 seed, 1 epoch per task, a 4-wide SmallCNN (the real run: width 16, 10 epochs)
-    return _run(tmp_path_factory, setting="cnn-mnist", seeds=(0,), epochs=1, scenario="ab",
-                width=4)
+    return _run(tmp_path_factory, setting="cnn-mnist", seeds=(0,), epochs=1, scenario="ab", width=4)
 
 
 def _check_rows(rows):
@@ -50,9 +50,12 @@ def _check_rows(rows):
         assert a["task_aware"] == a["task_aware_at_learning"] and a["forgetting"] == 0
         assert by[(m, "overall")]["memory_bytes"] > 0
     assert by[("original", "overall")]["memory_bytes"] == 0
-    assert (by[("replay100", "overall")]["memory_bytes"]
-            > by[("replay10", "overall")]["memory_bytes"]
-            > by[("replay5", "overall")]["memory_bytes"] > 0)
+    assert (
+        by[("replay100", "overall")]["memory_bytes"]
+        > by[("replay10", "overall")]["memory_bytes"]
+        > by[("replay5", "overall")]["memory_bytes"]
+        > 0
+    )
     # DeepArc trains only redundant layers and new head rows: without redundant layers A is kept
     # (on the CNN this needs the frozen layers' BatchNorm running statistics kept as well)
     if not by[("deeparc", "overall")]["redundant_layers"]:
@@ -92,22 +95,27 @@ def test_rq4_cli_writes_table_and_png(digits_rows, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rq4, "run_rq4", lambda config: digits_rows)  # the run is tested above
     out = tmp_path / "out"
-    assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--seeds", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["reproduce", "rq4", "--setting", "mlp-digits", "--seeds", "0", "--out", str(out)])
+        == 0
+    )
     assert "Joint (all data)" in (out / "rq4_mlp-digits.txt").read_text()
     assert main(["reproduce", "rq4", "--setting", "mlp-digits", "--threads", "0"]) == 2
     data = (out / "rq4_mlp-digits.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"setting": "vgg-imagenet"}, "unknown setting"),
-    ({"scenario": "abcd"}, "unknown scenario"),
-    ({"seeds": ()}, "seeds"),
-    ({"epochs": 0}, "epochs"),
-    ({"threshold": 1.5}, "threshold"),
-    ({"width": 0}, "width"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"setting": "vgg-imagenet"}, "unknown setting"),
+        ({"scenario": "abcd"}, "unknown scenario"),
+        ({"seeds": ()}, "seeds"),
+        ({"epochs": 0}, "epochs"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"width": 0}, "width"),
+    ],
+)
 def test_rq4_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RQ4Config(**kwargs)

@@ -29,14 +29,16 @@ class _FakeCIFAR10(Dataset):
     def __init__(self, root, train=True, download=False, transform=None):
         assert download is False  # neuslice never downloads
         if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-            raise RuntimeError("Dataset not found or corrupted. You can use download=True to "
-                               "download it")
+            raise RuntimeError(
+                "Dataset not found or corrupted. You can use download=True to download it"
+            )
         type(self).calls.append((root, train))
         g = torch.Generator().manual_seed(int(train))
         self.targets = torch.arange(10).repeat_interleave(PER_CLASS[train])
         colour = torch.linspace(-1, 1, 30).reshape(10, 3, 1, 1)
-        self.data = torch.randn(len(self.targets), 3, 32, 32, generator=g) * 0.5 \
-            + colour[self.targets]
+        self.data = (
+            torch.randn(len(self.targets), 3, 32, 32, generator=g) * 0.5 + colour[self.targets]
+        )
 
     def __len__(self):
         return len(self.targets)
@@ -74,14 +76,16 @@ def _no_run(*a, **k):
 
 
 # ------------------------------------------------------------------------ errors, early
-@pytest.mark.parametrize("rq, module", [("rq2", "reproduce"), ("rq3", "reproduce_rq3"),
-                                        ("rq4", "reproduce_rq4")])
+@pytest.mark.parametrize(
+    "rq, module", [("rq2", "reproduce"), ("rq3", "reproduce_rq3"), ("rq4", "reproduce_rq4")]
+)
 def test_no_data_root(rq, module, fake_cifar10, monkeypatch, capsys):
     import importlib
 
     monkeypatch.delenv("NEUSLICE_DATA", raising=False)
-    monkeypatch.setattr(importlib.import_module(f"neuslice.experiments.{module}"), f"run_{rq}",
-                        _no_run)
+    monkeypatch.setattr(
+        importlib.import_module(f"neuslice.experiments.{module}"), f"run_{rq}", _no_run
+    )
     assert main(["reproduce", rq, "--setting", "vgg16-cifar10", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--data-root" in err and "NEUSLICE_DATA" in err and "cifar-10-batches-py" in err
@@ -98,8 +102,10 @@ def test_missing_files(fake_cifar10, tmp_path, monkeypatch, capsys):
     assert str(tmp_path) in err and "cifar-10-batches-py" in err and "never downloads" in err
     assert "Traceback" not in err
     missing = tmp_path / "nowhere"
-    assert main(["reproduce", "rq4", "--setting", "resnet18-cifar10",
-                 "--data-root", str(missing)]) == 2
+    assert (
+        main(["reproduce", "rq4", "--setting", "resnet18-cifar10", "--data-root", str(missing)])
+        == 2
+    )
     assert "nowhere" in capsys.readouterr().err
 
 
@@ -110,8 +116,10 @@ def test_without_torchvision(cifar_root, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
     monkeypatch.setattr(rq2, "run_rq2", _no_run)
     nsdata._disk_tensors.cache_clear()
-    assert main(["reproduce", "rq2", "--setting", "vgg16-cifar10",
-                 "--data-root", str(cifar_root)]) == 2
+    assert (
+        main(["reproduce", "rq2", "--setting", "vgg16-cifar10", "--data-root", str(cifar_root)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "torchvision" in err and "not installed" in err and "Traceback" not in err
 
@@ -130,8 +138,7 @@ def test_settings_tables():
     from neuslice.experiments.reproduce_rq4 import RQ4_SETTINGS, RQ4Config
 
     for name in ("vgg16-cifar10", "resnet18-cifar10"):
-        assert SETTINGS[name].data == RQ4_SETTINGS[name].data == RQ3_SETTINGS[name][1] \
-            == "cifar10"
+        assert SETTINGS[name].data == RQ4_SETTINGS[name].data == RQ3_SETTINGS[name][1] == "cifar10"
         assert RQ3_EPS[name] == {"fgsm": 8 / 255, "pgd": 8 / 255}
         assert len(RQ3_SETTINGS[name][2]) == 3  # per-channel normalisation for the attacks
         assert RQ2Config(setting=name).epochs == SETTINGS[name].epochs
@@ -148,9 +155,17 @@ def test_rq2_vgg16_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, one_
     from neuslice.experiments.reproduce import RQ2Config, format_rq2, run_rq2
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
-    cfg = RQ2Config(setting="vgg16-cifar10", seeds=(0,), epochs=1, max_rounds=1,
-                    finetune_epochs=0, pruners=("uniform_plus",), device="cpu",
-                    data_root=str(cifar_root), hsic_route="minibatch")
+    cfg = RQ2Config(
+        setting="vgg16-cifar10",
+        seeds=(0,),
+        epochs=1,
+        max_rounds=1,
+        finetune_epochs=0,
+        pruners=("uniform_plus",),
+        device="cpu",
+        data_root=str(cifar_root),
+        hsic_route="minibatch",
+    )
     rows = run_rq2(cfg, progress=False)
     assert set(rows) == {"Unif", "Global+Unif", "Category-wise+Unif", "NeuSemSlice+Unif"}
     for name, r in rows.items():
@@ -167,8 +182,14 @@ def test_rq4_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, o
     from neuslice.experiments.reproduce_rq4 import RQ4_METHODS, RQ4Config, format_rq4, run_rq4
 
     monkeypatch.setenv("NEUSLICE_DATA", str(cifar_root))  # the root from the environment
-    cfg = RQ4Config(setting="resnet18-cifar10", seeds=(0,), epochs=1, scenario="ab",
-                    device="cpu", hsic_route="minibatch")
+    cfg = RQ4Config(
+        setting="resnet18-cifar10",
+        seeds=(0,),
+        epochs=1,
+        scenario="ab",
+        device="cpu",
+        hsic_route="minibatch",
+    )
     rows = run_rq4(cfg, progress=False)
     assert {r["model"] for r in rows} == {"ResNet"}
     by = {(r["method"], r["task"]): r for r in rows}
@@ -187,9 +208,19 @@ def test_rq3_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, o
     from neuslice.experiments.reproduce_rq3 import METHODS, RQ3Config, format_rq3, run_rq3
 
     monkeypatch.setenv("NEUSLICE_CACHE", str(tmp_path / "cache"))
-    cfg = RQ3Config(setting="resnet18-cifar10", seeds=(0,), epochs=1, readapt_epochs=1,
-                    attacks=("pgd",), n_adv_train=20, n_adv_test=20, pgd_steps=2, device="cpu",
-                    data_root=str(cifar_root), hsic_route="minibatch")
+    cfg = RQ3Config(
+        setting="resnet18-cifar10",
+        seeds=(0,),
+        epochs=1,
+        readapt_epochs=1,
+        attacks=("pgd",),
+        n_adv_train=20,
+        n_adv_test=20,
+        pgd_steps=2,
+        device="cpu",
+        data_root=str(cifar_root),
+        hsic_route="minibatch",
+    )
     rows = run_rq3(cfg, progress=False)
     assert set(rows) == {(m, "pgd") for m in METHODS}
     for r in rows.values():
@@ -198,8 +229,7 @@ def test_rq3_resnet18_cifar10(fake_cifar10, cifar_root, tmp_path, monkeypatch, o
     assert "resnet18-cifar10" in format_rq3(rows, "resnet18-cifar10")
 
 
-def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, tmp_path, monkeypatch,
-                                         capsys):
+def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, tmp_path, monkeypatch, capsys):
     import neuslice.experiments.reproduce_rq3 as rq3
 
     seen = {}
@@ -212,10 +242,26 @@ def test_cli_passes_data_root_and_device(fake_cifar10, cifar_root, tmp_path, mon
     monkeypatch.setattr(rq3, "run_rq3", fake_run)
     monkeypatch.setattr(rq3, "format_rq3", lambda rows, setting: "table")
     monkeypatch.setattr(rq3, "plot_rq3", lambda rows, setting, path: path)
-    assert main(["reproduce", "rq3", "--setting", "resnet18-cifar10", "--seeds", "0",
-                 "--data-root", str(cifar_root), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "rq3",
+                "--setting",
+                "resnet18-cifar10",
+                "--seeds",
+                "0",
+                "--data-root",
+                str(cifar_root),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     cfg = seen["config"]
     assert cfg.data_root == str(cifar_root) and cfg.device == "cpu" and cfg.epochs == 30
     assert cfg.setting == "resnet18-cifar10"
-    assert (tmp_path / "neuslice-reproduce" / "rq3-resnet18-cifar10" /
-            "rq3_resnet18-cifar10.txt").read_text() == "table\n"
+    assert (
+        tmp_path / "neuslice-reproduce" / "rq3-resnet18-cifar10" / "rq3_resnet18-cifar10.txt"
+    ).read_text() == "table\n"

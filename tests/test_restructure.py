@@ -31,16 +31,29 @@ def _bn_stats(model: nn.Module, seed: int) -> nn.Module:
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                         nn.Linear(12, 3)).eval()
+    return nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).eval()
 
 
 def cnn() -> nn.Module:
     torch.manual_seed(1)
-    return _bn_stats(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)), 1)
+    return _bn_stats(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 10),
+            nn.ReLU(),
+            nn.Linear(10, 3),
+        ),
+        1,
+    )
 
 
 class ResNetTiny(nn.Module):
@@ -68,14 +81,21 @@ def resnet() -> nn.Module:
     return _bn_stats(ResNetTiny(), 2)
 
 
-def make_slice(model: nn.Module, shape: list[int], seed: int = 0, p: float = 0.5,
-               masks: dict | None = None) -> neuslice.Slice:
+def make_slice(
+    model: nn.Module, shape: list[int], seed: int = 0, p: float = 0.5, masks: dict | None = None
+) -> neuslice.Slice:
     if masks is None:
         g = torch.Generator().manual_seed(seed)
-        masks = {l.name: torch.rand(l.num_neurons, generator=g) < p
-                 for l in neuslice.find_layers(model)}
-    return neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                          fingerprint=neuslice.model_fingerprint(model), input_shape=shape)
+        masks = {
+            l.name: torch.rand(l.num_neurons, generator=g) < p for l in neuslice.find_layers(model)
+        }
+    return neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=shape,
+    )
 
 
 def _x(shape: list[int], n: int = 5) -> torch.Tensor:
@@ -112,9 +132,11 @@ def test_residual_uses_coupling_adjusted_slice():
     model = resnet()
     layers = {l.name: l for l in neuslice.find_layers(model)}
     assert layers["stem"].coupled and layers["conv2"].coupled
-    masks = {"stem": torch.tensor([1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.bool),
-             "conv1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool),
-             "conv2": torch.tensor([0, 0, 1, 1, 0, 1, 0, 0], dtype=torch.bool)}
+    masks = {
+        "stem": torch.tensor([1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.bool),
+        "conv1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool),
+        "conv2": torch.tensor([0, 0, 1, 1, 0, 1, 0, 0], dtype=torch.bool),
+    }
     sl = make_slice(model, IMG, masks=masks)
     small, eff = restructure(model, sl, _x(IMG, 2), return_slice=True)
     union = masks["stem"] | masks["conv2"]
@@ -222,8 +244,10 @@ def test_untraceable_model_or_bad_inputs_raise_valueerror():
 
 def test_coupled_with_unsliced_layer_keeps_channels():
     model = resnet()
-    masks = {"conv1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool),
-             "conv2": torch.tensor([0, 0, 1, 1, 0, 1, 0, 0], dtype=torch.bool)}
+    masks = {
+        "conv1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool),
+        "conv2": torch.tensor([0, 0, 1, 1, 0, 1, 0, 0], dtype=torch.bool),
+    }
     sl = make_slice(model, IMG, masks=masks)  # stem, coupled to conv2, is not in the slice
     small, eff = restructure(model, sl, _x(IMG, 2), return_slice=True)
     assert small.conv2.out_channels == small.stem.out_channels == 8

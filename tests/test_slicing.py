@@ -16,8 +16,15 @@ from neuslice import cka
 from neuslice.slicing import Slice
 
 from conftest import (
-    MLP_OUT, NUM_CLASSES, TinyResNet, build, make_cnn, make_data, make_loader,
-    make_mlp, outputs_of,
+    MLP_OUT,
+    NUM_CLASSES,
+    TinyResNet,
+    build,
+    make_cnn,
+    make_data,
+    make_loader,
+    make_mlp,
+    outputs_of,
 )
 
 C = NUM_CLASSES
@@ -27,16 +34,14 @@ C = NUM_CLASSES
 def setup(request):
     """float64 model, data, neuron-output modules and a feature-route profile."""
     model, (x, y), outs, _ = build(request.param, seed=4)
-    prof = neuslice.profile(model, make_loader(x, y, 7), C, hsic_route="feature",
-                            progress=False)
+    prof = neuslice.profile(model, make_loader(x, y, 7), C, hsic_route="feature", progress=False)
     return model, x, y, outs, prof
 
 
 @pytest.fixture(scope="module")
 def mlp_setup():
     model, (x, y), outs, _ = build("mlp", seed=4)
-    prof = neuslice.profile(model, make_loader(x, y, 7), C, hsic_route="feature",
-                            progress=False)
+    prof = neuslice.profile(model, make_loader(x, y, 7), C, hsic_route="feature", progress=False)
     return model, x, y, outs, prof
 
 
@@ -58,8 +63,9 @@ def test_semantic_slice_is_minimal_prefix_brute_force(setup, metric):
                 acts = outputs[mod][y == c]
                 order = _order(prof.scores(layer, metric, c))
                 # brute force: CKA of each prefix against the whole layer, from scratch
-                curve = torch.stack([cka.linear_cka(acts[:, order[:k]], acts)
-                                     for k in range(1, d + 1)])
+                curve = torch.stack(
+                    [cka.linear_cka(acts[:, order[:k]], acts) for k in range(1, d + 1)]
+                )
                 sizes, naive = cka.naive_curve(acts, order)
                 assert torch.allclose(curve, naive, atol=1e-10, equal_nan=True)
                 hits = (curve >= threshold).nonzero().flatten()
@@ -110,15 +116,17 @@ def test_global_and_categorywise_topk(setup, ratio, metric):
         # every selected neuron scores at least as high as every unselected one
         if k < d:
             assert s[g.masks[layer]].min() >= s[~g.masks[layer]].max()
-        assert torch.equal(g.masks[layer], torch.zeros(d, dtype=torch.bool).index_fill_(
-            0, _order(s)[:k], True))
+        assert torch.equal(
+            g.masks[layer], torch.zeros(d, dtype=torch.bool).index_fill_(0, _order(s)[:k], True)
+        )
         rows = cw.category_masks[layer]
         assert rows.shape == (C, d)
         for c in range(C):
             assert int(rows[c].sum()) == k
             sc = prof.scores(layer, metric, c)
-            assert torch.equal(rows[c], torch.zeros(d, dtype=torch.bool).index_fill_(
-                0, _order(sc)[:k], True))
+            assert torch.equal(
+                rows[c], torch.zeros(d, dtype=torch.bool).index_fill_(0, _order(sc)[:k], True)
+            )
         assert torch.equal(cw.masks[layer], rows.any(0))
 
 
@@ -165,8 +173,8 @@ def test_dead_layer_and_dead_neurons_give_notes_not_nan():
     model = make_mlp()
     with torch.no_grad():
         model.fc1.weight[:4] = 0
-        model.fc1.bias[:4] = 0.5       # dead (constant) but non-zero neurons
-        model.fc2.weight.zero_()       # whole layer constant
+        model.fc1.bias[:4] = 0.5  # dead (constant) but non-zero neurons
+        model.fc2.weight.zero_()  # whole layer constant
     prof = neuslice.profile(model, make_loader(x, y, 7), C, progress=False)
     assert any("fc1" in w for w in prof.warnings) and any("fc2" in w for w in prof.warnings)
     for metric in neuslice.METRICS:
@@ -188,9 +196,16 @@ def _big_slice():
     g = torch.Generator().manual_seed(0)
     sizes = {"fc1": 512, "fc2": 256}
     cat = {k: torch.rand(10, d, generator=g) < 0.3 for k, d in sizes.items()}
-    return Slice(masks={k: v.any(0) for k, v in cat.items()}, strategy="semantic",
-                 metric="taylor", fingerprint="0123456789abcdef", input_shape=[1, 28, 28],
-                 category_masks=cat, threshold=0.95, notes=["fc2: categories [9] skipped"])
+    return Slice(
+        masks={k: v.any(0) for k, v in cat.items()},
+        strategy="semantic",
+        metric="taylor",
+        fingerprint="0123456789abcdef",
+        input_shape=[1, 28, 28],
+        category_masks=cat,
+        threshold=0.95,
+        notes=["fc2: categories [9] skipped"],
+    )
 
 
 def _assert_same_slice(a: Slice, b: Slice):
@@ -221,9 +236,14 @@ def test_slice_round_trip_and_size(tmp_path):
 def test_real_slices_round_trip(mlp_setup, tmp_path):
     model, *_, prof = mlp_setup
     sem = neuslice.semantic_slice(prof, "taylor", 0.9)
-    for i, sl in enumerate([sem, neuslice.global_slice(prof, "avg", 0.4),
-                            neuslice.categorywise_slice(prof, "var", 0.4),
-                            neuslice.random_slice(sem, 3)]):
+    for i, sl in enumerate(
+        [
+            sem,
+            neuslice.global_slice(prof, "avg", 0.4),
+            neuslice.categorywise_slice(prof, "var", 0.4),
+            neuslice.random_slice(sem, 3),
+        ]
+    ):
         p = tmp_path / f"{i}.json"
         sl.save(p)
         back = Slice.load(p)
@@ -263,8 +283,12 @@ def test_corrupt_slice_files(tmp_path):
 
 
 # ------------------------------------------------------------------------ compression rate
-def _hand_rate(model: nn.Module, plan: dict[str, tuple[str, ...]], keep: dict[str, torch.Tensor],
-               cols_per_neuron: dict[str, int]) -> float:
+def _hand_rate(
+    model: nn.Module,
+    plan: dict[str, tuple[str, ...]],
+    keep: dict[str, torch.Tensor],
+    cols_per_neuron: dict[str, int],
+) -> float:
     """Mark every removed parameter entry once; ``plan[layer] = (own modules..., consumer)``."""
     mods = dict(model.named_modules())
     removed = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
@@ -282,8 +306,13 @@ def _hand_rate(model: nn.Module, plan: dict[str, tuple[str, ...]], keep: dict[st
 
 
 def _slice_for(model, keep, strategy="global"):
-    return Slice(masks=keep, strategy=strategy, metric="avg",
-                 fingerprint=neuslice.model_fingerprint(model), input_shape=[])
+    return Slice(
+        masks=keep,
+        strategy=strategy,
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[],
+    )
 
 
 def test_compression_rate_mlp_hand_count():
@@ -296,29 +325,41 @@ def test_compression_rate_mlp_hand_count():
         expect = _hand_rate(model, plan, keep, {"fc1": 1, "fc2": 1})
         assert math.isclose(sl.compression_rate(model), expect, rel_tol=1e-12), trial
     # nothing removed; everything removed
-    full = _slice_for(model, {"fc1": torch.ones(10, dtype=torch.bool),
-                              "fc2": torch.ones(8, dtype=torch.bool)})
+    full = _slice_for(
+        model, {"fc1": torch.ones(10, dtype=torch.bool), "fc2": torch.ones(8, dtype=torch.bool)}
+    )
     assert full.compression_rate(model) == 0.0
     none = {"fc1": torch.zeros(10, dtype=torch.bool), "fc2": torch.zeros(8, dtype=torch.bool)}
     # every fc1/fc2 entry and all head weights go; only the head bias stays
     total = sum(p.numel() for p in model.parameters())
-    assert math.isclose(_slice_for(model, none).compression_rate(model),
-                        (total - C) / total, rel_tol=1e-12)
+    assert math.isclose(
+        _slice_for(model, none).compression_rate(model), (total - C) / total, rel_tol=1e-12
+    )
     # a slice of fc1 only: fc2 keeps its rows, so all its columns of removed neurons go
-    only = Slice(masks={"fc1": none["fc1"]}, strategy="global", metric="avg",
-                 fingerprint=full.fingerprint, input_shape=[])
+    only = Slice(
+        masks={"fc1": none["fc1"]},
+        strategy="global",
+        metric="avg",
+        fingerprint=full.fingerprint,
+        input_shape=[],
+    )
     assert math.isclose(only.compression_rate(model), (10 * 13 + 8 * 10) / total)
 
 
 def test_compression_rate_cnn_hand_count():
     model = make_cnn()
-    plan = {"conv1": ("conv1", "bn1", "conv2"), "conv2": ("conv2", "bn2", "fc1"),
-            "fc1": ("fc1", "head")}
+    plan = {
+        "conv1": ("conv1", "bn1", "conv2"),
+        "conv2": ("conv2", "bn2", "fc1"),
+        "fc1": ("fc1", "head"),
+    }
     g = torch.Generator().manual_seed(1)
     for trial in range(4):
-        keep = {"conv1": torch.rand(4, generator=g) < 0.6,
-                "conv2": torch.rand(5, generator=g) < 0.6,
-                "fc1": torch.rand(6, generator=g) < 0.6}
+        keep = {
+            "conv1": torch.rand(4, generator=g) < 0.6,
+            "conv2": torch.rand(5, generator=g) < 0.6,
+            "fc1": torch.rand(6, generator=g) < 0.6,
+        }
         # conv1 -> conv2: one removed input channel removes a 3x3 slice of each kept filter
         removed = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
         for layer, (*own, consumer) in plan.items():
@@ -332,18 +373,22 @@ def test_compression_rate_cnn_hand_count():
             else:
                 w[:, gone.repeat_interleave(w.shape[1] // gone.numel())] = True
         expect = sum(int(r.sum()) for r in removed.values()) / sum(
-            p.numel() for p in model.parameters())
-        assert math.isclose(_slice_for(model, keep).compression_rate(model), expect,
-                            rel_tol=1e-12), trial
+            p.numel() for p in model.parameters()
+        )
+        assert math.isclose(
+            _slice_for(model, keep).compression_rate(model), expect, rel_tol=1e-12
+        ), trial
 
 
 def test_compression_rate_residual_skips_coupled_layers():
     model = TinyResNet()
     layers = {l.name: l for l in neuslice.find_layers(model)}
     assert layers["stem"].coupled and layers["conv2"].coupled and not layers["conv1"].coupled
-    keep = {"stem": torch.tensor([True, False, True, False]),
-            "conv1": torch.tensor([False, True, True, False]),
-            "conv2": torch.tensor([False, False, True, True])}
+    keep = {
+        "stem": torch.tensor([True, False, True, False]),
+        "conv1": torch.tensor([False, True, True, False]),
+        "conv2": torch.tensor([False, False, True, True]),
+    }
     total = sum(p.numel() for p in model.parameters())
     # only conv1's 2 removed channels count: own 2*9*4+1 +bn1 2, and conv2 input slices 4*9
     expect = 2 * (4 * 9 + 1 + 2 + 4 * 9) / total
@@ -390,8 +435,10 @@ def test_masked_equals_manually_zeroed_model(kind):
     zero_at = {"fc1": "fc1", "fc2": "fc2", "conv1": "bn1", "conv2": "bn2"}
     model.eval()
     ref = model(x)
-    for sl in (neuslice.global_slice(prof, "avg", 0.5),
-               neuslice.semantic_slice(prof, "taylor", 0.8)):
+    for sl in (
+        neuslice.global_slice(prof, "avg", 0.5),
+        neuslice.semantic_slice(prof, "taylor", 0.8),
+    ):
         assert any(int(m.sum()) < m.numel() for m in sl.masks.values())
         manual = _zeroed_copy(model, sl.masks, zero_at).eval()
         with neuslice.masked(model, sl) as mm:
@@ -399,7 +446,7 @@ def test_masked_equals_manually_zeroed_model(kind):
             got = model(x)
         assert torch.allclose(got, manual(x), rtol=0, atol=1e-12)
         assert not torch.allclose(got, ref)
-        assert torch.equal(model(x), ref)   # hooks gone
+        assert torch.equal(model(x), ref)  # hooks gone
         for c in range(C):
             cm = {l: sl.category_masks[l][c] for l in sl.layers} if sl.category_masks else None
             if cm is None:
@@ -428,8 +475,9 @@ def test_masked_removes_hooks_on_exception():
             assert not torch.equal(model(x), ref)
             raise KeyError("boom")
     assert torch.equal(model(x), ref)
-    assert hooks_before == [(len(m._forward_hooks), len(m._forward_pre_hooks))
-                            for m in model.modules()]
+    assert hooks_before == [
+        (len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()
+    ]
     with pytest.raises(TypeError, match="Slice"):
         with neuslice.masked(model, {"conv1": torch.ones(4, dtype=torch.bool)}):
             pass

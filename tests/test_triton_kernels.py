@@ -29,6 +29,7 @@ SMALL = [(37, 13, 1), (123, 5, 7), (6, 70, 2), (21, 9, 11)]
 @pytest.fixture(scope="module")
 def bg():
     from neuslice.kernels import block_gram
+
     return block_gram
 
 
@@ -58,8 +59,10 @@ def test_float32_matches_float64_reference(bg, shape, route):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
-    "shape, dtype", [(s, torch.bfloat16) for s in SHAPES] + [(s, torch.float16) for s in SMALL],
-    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)[6:])
+    "shape, dtype",
+    [(s, torch.bfloat16) for s in SHAPES] + [(s, torch.float16) for s in SMALL],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)[6:],
+)
 def test_half_inputs_accumulate_in_float32(bg, shape, route, dtype):
     x = _randn(shape, seed=7 + sum(shape), dtype=dtype)
     got = bg.block_gram_norms(x, route)

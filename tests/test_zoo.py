@@ -19,13 +19,22 @@ from conftest import _randomize_bn as randomize_bn
 from conftest import assert_same_snapshot, make_loader, max_rel_err, snapshot
 
 # torchvision's parameter counts at 1000 classes.
-PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "vgg16": 138_357_544,
-          "vgg19": 143_667_240, "mobilenet_v3_small": 2_542_856}
+PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet50": 25_557_032,
+    "vgg16": 138_357_544,
+    "vgg19": 143_667_240,
+    "mobilenet_v3_small": 2_542_856,
+}
 # The CIFAR variants at 10 classes (ResNet-18 with a 3x3 stem; VGG-16-BN with a 512-512 head).
 CIFAR_PARAMS = {"cifar_resnet18": 11_173_962, "cifar_vgg16": 14_990_922}
-TV_CLASS = {"resnet18": torchvision.models.ResNet, "resnet50": torchvision.models.ResNet,
-            "vgg16": torchvision.models.VGG, "vgg19": torchvision.models.VGG,
-            "mobilenet_v3_small": torchvision.models.MobileNetV3}
+TV_CLASS = {
+    "resnet18": torchvision.models.ResNet,
+    "resnet50": torchvision.models.ResNet,
+    "vgg16": torchvision.models.VGG,
+    "vgg19": torchvision.models.VGG,
+    "mobilenet_v3_small": torchvision.models.MobileNetV3,
+}
 
 
 def _on_meta(name: str, num_classes: int = 1000) -> nn.Module:
@@ -49,8 +58,9 @@ def test_build_is_torchvisions_builder(name):
     assert _n_params(model) == PARAMS[name]
     with torch.device("meta"):
         ref = torchvision.models.get_model(name, weights=None, num_classes=7)
-    assert {k: tuple(v.shape) for k, v in _on_meta(name, 7).state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in _on_meta(name, 7).state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("name", zoo.CIFAR_NAMES)
@@ -79,8 +89,9 @@ def test_cifar_variants(name):
 def test_one_vgg16_for_the_registry_and_the_zoo():
     a, b = build_model("vgg16", in_channels=1, num_classes=7), zoo.cifar_vgg16(1, 7)
     assert type(a) is type(b) is torchvision.models.VGG
-    assert {k: v.shape for k, v in a.state_dict().items()} == \
-        {k: v.shape for k, v in b.state_dict().items()}
+    assert {k: v.shape for k, v in a.state_dict().items()} == {
+        k: v.shape for k, v in b.state_dict().items()
+    }
     assert a.features[0].in_channels == 1
     assert a.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 7)
 
@@ -141,8 +152,11 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     state = zoo.build("resnet18", 3).state_dict()
     state.pop("layer1.0.bn1.running_mean")
     state["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys: layer1\.0\.bn1\.running_mean.*"
-                                         r"unexpected keys: extra\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys: layer1\.0\.bn1\.running_mean.*"
+        r"unexpected keys: extra\.weight",
+    ):
         zoo.build("resnet18", 3, weights=state)
     path = tmp_path / "w.pth"
     torch.save(zoo.build("resnet18", 3).state_dict(), path)
@@ -187,16 +201,23 @@ def _check_restructure(model, sl, x):
     return small, eff
 
 
-@pytest.mark.parametrize("name,metric", [("resnet18", "taylor"),
-                                         ("mobilenet_v3_small", "deeplift"),
-                                         ("cifar_vgg16", "avg")])
+@pytest.mark.parametrize(
+    "name,metric",
+    [("resnet18", "taylor"), ("mobilenet_v3_small", "deeplift"), ("cifar_vgg16", "avg")],
+)
 @pytest.mark.slow
 def test_profile_slice_mask_restructure(name, metric):
     model = _model(name)
     x, y = _data()
     before = snapshot(model)
-    prof = neuslice.profile(model, make_loader(x, y, 6), C, metrics=("avg", "taylor", "deeplift"),
-                            cka_batch=6, progress=False)
+    prof = neuslice.profile(
+        model,
+        make_loader(x, y, 6),
+        C,
+        metrics=("avg", "taylor", "deeplift"),
+        cka_batch=6,
+        progress=False,
+    )
     assert_same_snapshot(before, snapshot(model))
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert prof.layers == convs[:-1]  # every conv/linear but the head, in execution order
@@ -218,8 +239,15 @@ def test_profile_slice_mask_restructure(name, metric):
 def test_resnet50_profile_slice_restructure():
     model = _model("resnet50")
     x, y = _data(12)
-    prof = neuslice.profile(model, make_loader(x, y, 6), C, metrics=("avg", "deeplift"),
-                            hsic_route="minibatch", cka_batch=4, progress=False)
+    prof = neuslice.profile(
+        model,
+        make_loader(x, y, 6),
+        C,
+        metrics=("avg", "deeplift"),
+        hsic_route="minibatch",
+        cka_batch=4,
+        progress=False,
+    )
     assert len(prof.layers) == 53
     sl = neuslice.semantic_slice(prof, "deeplift", 0.9)
     assert 0 < sl.compression_rate(model) < 1
@@ -231,8 +259,15 @@ def test_full_size_vgg16_profile_slice_restructure():
     """torchvision's VGG-16 (134M parameters at 3 classes) end to end at 32x32."""
     model = _model("vgg16")
     x, y = _data(12)
-    prof = neuslice.profile(model, make_loader(x, y, 6), C, metrics=("avg", "taylor"),
-                            hsic_route="minibatch", cka_batch=4, progress=False)
+    prof = neuslice.profile(
+        model,
+        make_loader(x, y, 6),
+        C,
+        metrics=("avg", "taylor"),
+        hsic_route="minibatch",
+        cka_batch=4,
+        progress=False,
+    )
     assert len(prof.layers) == 15  # 13 convs and two hidden Linear layers
     sl = neuslice.semantic_slice(prof, "taylor", 0.95)
     assert 0 < sl.compression_rate(model) < 1
@@ -254,12 +289,19 @@ def test_se_gate_is_read_after_hardsigmoid():
 
 
 def _full_slice(model, off: dict[str, list[int]]) -> neuslice.Slice:
-    masks = {lay.name: torch.ones(lay.num_neurons, dtype=torch.bool)
-             for lay in neuslice.find_layers(model)}
+    masks = {
+        lay.name: torch.ones(lay.num_neurons, dtype=torch.bool)
+        for lay in neuslice.find_layers(model)
+    }
     for name, idx in off.items():
         masks[name][idx] = False
-    return neuslice.Slice(masks=masks, strategy="global", metric="avg",
-                          fingerprint=neuslice.model_fingerprint(model), input_shape=[3, 32, 32])
+    return neuslice.Slice(
+        masks=masks,
+        strategy="global",
+        metric="avg",
+        fingerprint=neuslice.model_fingerprint(model),
+        input_shape=[3, 32, 32],
+    )
 
 
 @pytest.mark.slow
@@ -269,7 +311,8 @@ def test_masked_se_gate_removes_its_channel_and_restructure_agrees():
     se = dict(model.named_modules())[SE]
     got = {}
     handle = se.register_forward_hook(
-        lambda _m, _i, out: got.__setitem__("se", out.detach().clone()))
+        lambda _m, _i, out: got.__setitem__("se", out.detach().clone())
+    )
     with torch.no_grad():
         model(x)
         ref = got["se"]
@@ -284,7 +327,8 @@ def test_masked_se_gate_removes_its_channel_and_restructure_agrees():
 
     # the gate alone cannot remove the channel: restructure keeps it (coupled to the convs)
     small, eff = _check_restructure(
-        model, _full_slice(model, {f"{SE}.fc2": [5], f"{SE}.fc1": [0]}), x)
+        model, _full_slice(model, {f"{SE}.fc2": [5], f"{SE}.fc1": [0]}), x
+    )
     assert bool(eff.masks[f"{SE}.fc2"].all())
     assert dict(small.named_modules())[f"{SE}.fc2"].out_channels == 96
     # removed from every coupled layer, the channel goes everywhere, SE included

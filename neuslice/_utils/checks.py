@@ -33,14 +33,20 @@ def batch_pair(batch, index: int, what: str = "targets") -> tuple[torch.Tensor, 
     """``(inputs, targets)`` of a loader's batch ``index``, both tensors with one target row
     per input; a TypeError/ValueError saying how to fix the loader otherwise."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(f"the loader must yield (inputs, {what}) pairs; batch {index} is "
-                        f"{type(batch).__name__}. Wrap your data in a "
-                        f"TensorDataset(inputs, {what}).")
+        raise TypeError(
+            f"the loader must yield (inputs, {what}) pairs; batch {index} is "
+            f"{type(batch).__name__}. Wrap your data in a "
+            f"TensorDataset(inputs, {what})."
+        )
     x, y = batch[0], batch[1]
     if not torch.is_tensor(x) or not torch.is_tensor(y):
-        raise TypeError(f"batch {index}: inputs and {what} must be tensors, got "
-                        f"{type(x).__name__} and {type(y).__name__}.")
+        raise TypeError(
+            f"batch {index}: inputs and {what} must be tensors, got "
+            f"{type(x).__name__} and {type(y).__name__}."
+        )
     if x.dim() == 0 or y.dim() == 0 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"batch {index}: inputs {tuple(x.shape)} and {what} "
-                         f"{tuple(y.shape)} must have the same batch size.")
+        raise ValueError(
+            f"batch {index}: inputs {tuple(x.shape)} and {what} "
+            f"{tuple(y.shape)} must have the same batch size."
+        )
     return x, y

@@ -13,7 +13,9 @@ Callback = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 @contextmanager
-def hooks_at(model: nn.Module, points: list[tuple[nn.Module, int | None, Callback]]) -> Iterator[None]:
+def hooks_at(
+    model: nn.Module, points: list[tuple[nn.Module, int | None, Callback]]
+) -> Iterator[None]:
     """Call ``callback(output)`` after ``module``'s ``call_index``-th call in each forward pass.
 
     ``call_index=None`` means every call. Calls are counted from the start of each forward pass
@@ -38,6 +40,7 @@ def hooks_at(model: nn.Module, points: list[tuple[nn.Module, int | None, Callbac
                     if new is not None:
                         output = new
             return output
+
         return hook
 
     try:

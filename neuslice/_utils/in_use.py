@@ -39,7 +39,8 @@ def exclusive(model: nn.Module, operation: str) -> Iterator[None]:
                 f"{operation} cannot use this {type(key).__name__} now: another thread is running "
                 f"{entry[1]} on it. neuslice installs hooks and switches train/eval modes while "
                 f"it works, so one model serves one operation at a time; give each thread its own "
-                f"copy (copy.deepcopy(model)) or wait until {entry[1]} has finished.")
+                f"copy (copy.deepcopy(model)) or wait until {entry[1]} has finished."
+            )
         if entry is None:
             _USERS[key] = [me, operation, 1]
         else:

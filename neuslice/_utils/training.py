@@ -25,9 +25,7 @@ def make_loader(
 ) -> DataLoader:
     """Wrap ``dataset`` in a single-process DataLoader, seeded when shuffled."""
     if not isinstance(dataset, Dataset):
-        raise TypeError(
-            f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}"
-        )
+        raise TypeError(f"dataset must be a torch.utils.data.Dataset, got {type(dataset).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     generator = None
@@ -39,9 +37,15 @@ def make_loader(
     )
 
 
-def fit_epochs(model: nn.Module, loader, optimizer, epochs: int,
-               device: torch.device | None = None, progress: bool = False,
-               desc: str = "train") -> list[float]:
+def fit_epochs(
+    model: nn.Module,
+    loader,
+    optimizer,
+    epochs: int,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> list[float]:
     """Cross-entropy training epochs with ``optimizer`` (any object with ``zero_grad``/``step``);
     returns the mean loss of each epoch. The model is in train mode during, eval mode after."""
     losses: list[float] = []

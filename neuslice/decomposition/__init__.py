@@ -4,5 +4,10 @@ output, by mutation analysis)."""
 from .incite import add_mutation_scores, mutation_scores, reference_mutation_scores
 from .modules import Modules, decompose
 
-__all__ = ["mutation_scores", "reference_mutation_scores", "add_mutation_scores", "Modules",
-           "decompose"]
+__all__ = [
+    "mutation_scores",
+    "reference_mutation_scores",
+    "add_mutation_scores",
+    "Modules",
+    "decompose",
+]

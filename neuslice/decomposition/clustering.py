@@ -24,11 +24,13 @@ INSTALL_HINT = "pip install 'neuslice[decompose]'  (or: pip install scikit-learn
 
 def check_cluster_size(cluster_size) -> int:
     if isinstance(cluster_size, bool) or not isinstance(cluster_size, int):
-        raise TypeError(f"cluster_size must be a positive int (average units per cluster), got "
-                        f"{cluster_size!r}")
+        raise TypeError(
+            f"cluster_size must be a positive int (average units per cluster), got {cluster_size!r}"
+        )
     if cluster_size < 1:
-        raise ValueError(f"cluster_size must be >= 1 (1 = every unit is its own cluster), got "
-                         f"{cluster_size}")
+        raise ValueError(
+            f"cluster_size must be >= 1 (1 = every unit is its own cluster), got {cluster_size}"
+        )
     return cluster_size
 
 
@@ -45,13 +47,17 @@ def unit_features(module: nn.Module) -> torch.Tensor:
     n = w.shape[0]
     positions = w[0, 0].numel() if w.dim() > 2 else 1
     bias = module.bias
-    b = torch.zeros(n, dtype=torch.float64) if bias is None else \
-        bias.detach().to(device="cpu", dtype=torch.float64)
+    b = (
+        torch.zeros(n, dtype=torch.float64)
+        if bias is None
+        else bias.detach().to(device="cpu", dtype=torch.float64)
+    )
     feats = torch.cat([w.reshape(n, -1), b.unsqueeze(1).expand(n, positions)], dim=1)
     lo, hi = feats.min(0).values, feats.max(0).values
     span = hi - lo
-    return torch.where(span > 0, (feats - lo) / torch.where(span > 0, span, 1.0),
-                       torch.zeros_like(feats))
+    return torch.where(
+        span > 0, (feats - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(feats)
+    )
 
 
 def _import_agglomerative():
@@ -60,7 +66,8 @@ def _import_agglomerative():
     except ImportError as exc:
         raise ImportError(
             f"Incite's unit clustering needs scikit-learn: {INSTALL_HINT}. "
-            f"cluster_size=1 (one mutant group per unit) needs no clustering.") from exc
+            f"cluster_size=1 (one mutant group per unit) needs no clustering."
+        ) from exc
     return AgglomerativeClustering
 
 
@@ -85,8 +92,9 @@ def cluster_layer(module: nn.Module, cluster_size: int = 10) -> torch.Tensor:
     return torch.tensor([first.setdefault(int(c), len(first)) for c in labels], dtype=torch.long)
 
 
-def cluster_units(model: nn.Module, layers: Sequence[str] | None = None,
-                  cluster_size: int = 10) -> dict[str, torch.Tensor]:
+def cluster_units(
+    model: nn.Module, layers: Sequence[str] | None = None, cluster_size: int = 10
+) -> dict[str, torch.Tensor]:
     """Cluster labels of every mutated layer (default: every ``Linear``/``Conv2d`` but the head)."""
     cluster_size = check_cluster_size(cluster_size)
     return {l.name: cluster_layer(l.module, cluster_size) for l in find_layers(model, layers)}

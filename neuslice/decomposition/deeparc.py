@@ -77,7 +77,8 @@ def _check_threshold(threshold: Any) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(
             f"threshold must be a real number in (0, 1], got {threshold!r} "
-            f"({type(threshold).__name__})")
+            f"({type(threshold).__name__})"
+        )
     t = float(threshold)
     if not (0.0 < t <= 1.0):  # also rejects nan
         raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
@@ -87,14 +88,16 @@ def _check_threshold(threshold: Any) -> float:
 def _check_names(layer_names: Any) -> list[str]:
     if isinstance(layer_names, str) or not isinstance(layer_names, Iterable):
         raise TypeError(
-            f"layer_names must be a sequence of layer names, got {type(layer_names).__name__}")
+            f"layer_names must be a sequence of layer names, got {type(layer_names).__name__}"
+        )
     names = list(layer_names)
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise TypeError(f"layer_names must hold strings, found {bad[0]!r}")
     if len(names) < 2:
         raise ValueError(
-            f"DeepArc needs at least 2 layers to compare consecutive ones, got {names}")
+            f"DeepArc needs at least 2 layers to compare consecutive ones, got {names}"
+        )
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"layer_names must not repeat names; duplicated: {dup}")
@@ -106,7 +109,8 @@ def _batch_inputs(batch: Any, index: int) -> torch.Tensor:
     if not torch.is_tensor(x):
         raise TypeError(
             f"the loader must yield input tensors or (inputs, labels, ...) tuples; batch {index} "
-            f"gives {type(x).__name__}")
+            f"gives {type(x).__name__}"
+        )
     if x.dim() == 0:
         raise ValueError(f"batch {index}: inputs must have a batch dimension, got a 0-dim tensor")
     return x
@@ -154,7 +158,8 @@ def layer_similarities(
     if len(sliced) < 2:
         raise ValueError(
             f"DeepArc needs at least 2 layers to compare consecutive ones, got "
-            f"{[l.name for l in sliced]}")
+            f"{[l.name for l in sliced]}"
+        )
     device = model_device(model)
 
     n = len(sliced)
@@ -167,16 +172,17 @@ def layer_similarities(
             if grams[i] is not None:
                 raise RuntimeError(
                     f"layer {layer.name!r}'s output was produced more than once in one forward "
-                    f"pass; DeepArc needs one output per layer")
+                    f"pass; DeepArc needs one output per layer"
+                )
             grams[i] = _gram(layer, out)
+
         return cb
 
     points = [(l.hook_module, l.call_index, capture(i, l)) for i, l in enumerate(sliced)]
     used = skipped = 0
     bar = progress_bar(loader, progress, "neuslice.deeparc")
     try:
-        with no_tf32(), module_modes(model, train=False), torch.no_grad(), \
-                hooks_at(model, points):
+        with no_tf32(), module_modes(model, train=False), torch.no_grad(), hooks_at(model, points):
             for b, batch in enumerate(bar):
                 x = _batch_inputs(batch, b)
                 if x.shape[0] < _MIN_BATCH:
@@ -187,11 +193,13 @@ def layer_similarities(
                 missing = [l.name for l, g in zip(sliced, grams) if g is None]
                 if missing:
                     raise RuntimeError(
-                        f"layer(s) {missing} produced no output during the forward pass")
+                        f"layer(s) {missing} produced no output during the forward pass"
+                    )
                 hs = [hsic(g, g, "unbiased").cpu() for g in grams]
                 self_sum += torch.stack(hs)
                 cross_sum += torch.stack(
-                    [hsic(grams[i], grams[i + 1], "unbiased").cpu() for i in range(n - 1)])
+                    [hsic(grams[i], grams[i + 1], "unbiased").cpu() for i in range(n - 1)]
+                )
                 used += 1
     finally:
         grams[:] = [None] * n
@@ -200,17 +208,21 @@ def layer_similarities(
     if used == 0:
         raise ValueError(
             f"the loader yielded no minibatch with at least {_MIN_BATCH} samples; minibatch CKA "
-            f"needs batches of >= {_MIN_BATCH} samples")
+            f"needs batches of >= {_MIN_BATCH} samples"
+        )
     if skipped:
         warnings.warn(
             f"layer_similarities skipped {skipped} samples in minibatches smaller than "
-            f"{_MIN_BATCH} (too few for the unbiased HSIC)", stacklevel=2)
+            f"{_MIN_BATCH} (too few for the unbiased HSIC)",
+            stacklevel=2,
+        )
     result: dict[tuple[str, str], float] = {}
     for i in range(n - 1):
         xx, yy = float(self_sum[i]), float(self_sum[i + 1])
         ok = xx > 0 and yy > 0
         result[(sliced[i].name, sliced[i + 1].name)] = (
-            float(cross_sum[i]) / math.sqrt(xx * yy) if ok else float("nan"))
+            float(cross_sum[i]) / math.sqrt(xx * yy) if ok else float("nan")
+        )
     return result
 
 
@@ -231,20 +243,21 @@ def modularize(
     if not isinstance(similarities, Mapping):
         raise TypeError(
             f"similarities must be a mapping {{(layer, next_layer): cka}}, got "
-            f"{type(similarities).__name__}")
+            f"{type(similarities).__name__}"
+        )
     used: dict[tuple[str, str], float] = {}
     modules: list[list[str]] = [[names[0]]]
     for a, b in zip(names, names[1:]):
         if (a, b) not in similarities:
             raise ValueError(
                 f"similarities has no entry for consecutive layers ({a!r}, {b!r}); compute them "
-                f"with layer_similarities(model, loader, layers) for the same layers")
+                f"with layer_similarities(model, loader, layers) for the same layers"
+            )
         raw = similarities[(a, b)]
         try:
             s = float(raw)
         except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"similarity of ({a!r}, {b!r}) must be a number, got {raw!r}") from exc
+            raise TypeError(f"similarity of ({a!r}, {b!r}) must be a number, got {raw!r}") from exc
         used[(a, b)] = s
         if s >= threshold:  # nan compares False: a dead layer starts its own module
             modules[-1].append(b)

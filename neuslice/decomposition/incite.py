@@ -61,8 +61,13 @@ from .clustering import check_cluster_size, cluster_units
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mutation_scores", "reference_mutation_scores", "add_mutation_scores", "TASKS",
-           "DEFAULT_FACTORS"]
+__all__ = [
+    "mutation_scores",
+    "reference_mutation_scores",
+    "add_mutation_scores",
+    "TASKS",
+    "DEFAULT_FACTORS",
+]
 
 TASKS = ("classification", "regression")
 DEFAULT_FACTORS = (1.1, 0.9, 0.0)
@@ -70,6 +75,7 @@ _CHUNK_BYTES = 8 * 2**20
 
 
 # ---- argument checks ----------------------------------------------------------------------
+
 
 def check_task(task) -> str:
     if task not in TASKS:
@@ -81,16 +87,19 @@ def check_factors(factors) -> tuple[float, ...]:
     """The mutation factors as floats; a factor of 1.0 (a mutant that changes nothing) or a
     non-finite one is a ``ValueError``."""
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
-        raise TypeError(f"factors must be a sequence of numbers such as (1.1, 0.9, 0.0), got "
-                        f"{factors!r}")
+        raise TypeError(
+            f"factors must be a sequence of numbers such as (1.1, 0.9, 0.0), got {factors!r}"
+        )
     out = []
     for f in factors:
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not math.isfinite(f):
             raise ValueError(f"every mutation factor must be a finite number, got {f!r}")
         if float(f) == 1.0:
-            raise ValueError("a mutation factor of 1.0 makes a mutant identical to the model "
-                             "(it can never change an output); use factors such as "
-                             "(1.1, 0.9, 0.0).")
+            raise ValueError(
+                "a mutation factor of 1.0 makes a mutant identical to the model "
+                "(it can never change an output); use factors such as "
+                "(1.1, 0.9, 0.0)."
+            )
         out.append(float(f))
     if not out:
         raise ValueError("factors must hold at least one mutation factor")
@@ -100,19 +109,27 @@ def check_factors(factors) -> tuple[float, ...]:
 def check_clusters(clusters, layers: list[SlicedLayer]) -> dict[str, torch.Tensor]:
     """Cluster labels per layer: ``LongTensor`` of one label per unit, labels ``0..K-1``."""
     if not isinstance(clusters, dict):
-        raise TypeError(f"clusters must be a dict layer name -> label tensor, got "
-                        f"{type(clusters).__name__}")
+        raise TypeError(
+            f"clusters must be a dict layer name -> label tensor, got {type(clusters).__name__}"
+        )
     out = {}
     for l in layers:
         if l.name not in clusters:
-            raise ValueError(f"clusters has no labels for layer {l.name!r}; it has "
-                             f"{sorted(clusters)}")
+            raise ValueError(
+                f"clusters has no labels for layer {l.name!r}; it has {sorted(clusters)}"
+            )
         lab = torch.as_tensor(clusters[l.name]).cpu()
-        if lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.dim() != 1 or \
-                lab.numel() != l.num_neurons:
-            raise ValueError(f"clusters[{l.name!r}] must be an integer tensor of "
-                             f"{l.num_neurons} labels, got dtype {lab.dtype}, shape "
-                             f"{tuple(lab.shape)}")
+        if (
+            lab.dtype.is_floating_point
+            or lab.dtype == torch.bool
+            or lab.dim() != 1
+            or lab.numel() != l.num_neurons
+        ):
+            raise ValueError(
+                f"clusters[{l.name!r}] must be an integer tensor of "
+                f"{l.num_neurons} labels, got dtype {lab.dtype}, shape "
+                f"{tuple(lab.shape)}"
+            )
         lab = lab.long()
         k = int(lab.max()) + 1
         if int(lab.min()) < 0 or torch.bincount(lab, minlength=k).eq(0).any():
@@ -136,20 +153,27 @@ def check_outputs(out, y: torch.Tensor, task: str, index: int) -> torch.Tensor:
             raise ValueError(
                 f"task='classification' needs class logits of shape (batch, classes >= 2); the "
                 f"model returned shape {tuple(out.shape)}. Use task='regression' for a model "
-                f"with real-valued outputs.")
+                f"with real-valued outputs."
+            )
         if y.dtype.is_floating_point or y.dim() != 1:
-            raise ValueError(f"batch {index}: classification targets must be a 1-D integer "
-                             f"tensor of class indices, got dtype {y.dtype}, shape "
-                             f"{tuple(y.shape)}")
+            raise ValueError(
+                f"batch {index}: classification targets must be a 1-D integer "
+                f"tensor of class indices, got dtype {y.dtype}, shape "
+                f"{tuple(y.shape)}"
+            )
         return out
     if out.dim() == 1:
         out = out.unsqueeze(1)
     if out.dim() != 2:
-        raise ValueError(f"task='regression' needs outputs of shape (batch, outputs); the model "
-                         f"returned shape {tuple(out.shape)}")
+        raise ValueError(
+            f"task='regression' needs outputs of shape (batch, outputs); the model "
+            f"returned shape {tuple(out.shape)}"
+        )
     if tuple(y.shape) != tuple(out.shape) and not (out.shape[1] == 1 and y.dim() == 1):
-        raise ValueError(f"batch {index}: regression targets of shape {tuple(y.shape)} do not "
-                         f"match the model's outputs {tuple(out.shape)}")
+        raise ValueError(
+            f"batch {index}: regression targets of shape {tuple(y.shape)} do not "
+            f"match the model's outputs {tuple(out.shape)}"
+        )
     return out
 
 
@@ -167,6 +191,7 @@ def contributions(task: str, clean: torch.Tensor, mutated: torch.Tensor) -> torc
 
 
 # ---- graph analysis -----------------------------------------------------------------------
+
 
 @dataclass
 class _Consumer:
@@ -209,13 +234,17 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # any failure: the hook fallback
-        logger.info("mutation analysis: torch.fx cannot trace %s (%s); every mutant runs the "
-                    "whole model.", type(model).__name__, type(exc).__name__)
+        logger.info(
+            "mutation analysis: torch.fx cannot trace %s (%s); every mutant runs the whole model.",
+            type(model).__name__,
+            type(exc).__name__,
+        )
         return None
 
 
-def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
-                delta: bool) -> None:
+def _plan_graph(
+    plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module], delta: bool
+) -> None:
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == plan.layer.name]
     if len(nodes) != 1:
         plan.why = "the layer is not called exactly once in the traced graph"
@@ -229,14 +258,21 @@ def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
                 down.add(u)
                 stack.append(u)
     plan.nodes = [n for n in gm.graph.nodes if n in down]
-    plan.boundary = list(dict.fromkeys(a for n in plan.nodes for a in n.all_input_nodes
-                                       if a not in down and a is not start))
+    plan.boundary = list(
+        dict.fromkeys(
+            a for n in plan.nodes for a in n.all_input_nodes if a not in down and a is not start
+        )
+    )
     plan.fast = True
     for i, n in enumerate(plan.nodes):
         for a in n.all_input_nodes:
             plan.last_use[a] = i
-    if not delta or plan.layer.coupled or not plan.layer.consumers or \
-            4 * max(len(u) for u in plan.members) > plan.layer.num_neurons:
+    if (
+        not delta
+        or plan.layer.coupled
+        or not plan.layer.consumers
+        or 4 * max(len(u) for u in plan.members) > plan.layer.num_neurons
+    ):
         return  # (clusters of over a quarter of the layer gain little from the low-rank update)
     d = plan.layer.num_neurons
     by_target = {n.target: n for n in plan.nodes if n.op == "call_module"}
@@ -248,8 +284,12 @@ def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
             return
         if isinstance(m, nn.Linear) and m.in_features % d == 0:
             consumers[n] = _Consumer(n, m, "linear", m.in_features // d)
-        elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and \
-                m.in_channels == d:
+        elif (
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+            and m.in_channels == d
+        ):
             consumers[n] = _Consumer(n, m, "conv", 1)
         else:
             return
@@ -257,8 +297,11 @@ def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
         w = c.module.weight.detach()
         for units in plan.members:
             if c.kind == "linear":
-                idx = (units.unsqueeze(1) * c.per_channel
-                       + torch.arange(c.per_channel)).flatten().to(w.device)
+                idx = (
+                    (units.unsqueeze(1) * c.per_channel + torch.arange(c.per_channel))
+                    .flatten()
+                    .to(w.device)
+                )
             else:
                 idx = units.to(w.device)
             c.index.append(idx)
@@ -272,8 +315,9 @@ def _plan_graph(plan: _Plan, gm: fx.GraphModule, modules: dict[str, nn.Module],
             stack.extend(n.all_input_nodes)
     plan.region = [n for n in plan.nodes if n in ancestors]
     plan.after = [n for n in plan.nodes if n not in ancestors and n not in consumers]
-    if any(u not in ancestors and u not in consumers for n in [start] + plan.region
-           for u in n.users):
+    if any(
+        u not in ancestors and u not in consumers for n in [start] + plan.region for u in n.users
+    ):
         return  # a value of the region escapes the consumers: not per-channel
     for i, n in enumerate(plan.after):
         for a in n.all_input_nodes:
@@ -339,8 +383,10 @@ def _clean_pass(gm, modules, plans: list[_Plan], x: torch.Tensor, measure: bool)
             elif n.args:
                 env[n] = n.args[0]
             else:
-                raise ValueError("mutation analysis feeds the model one input tensor; its "
-                                 f"forward takes more ({n.target!r} has no default)")
+                raise ValueError(
+                    "mutation analysis feeds the model one input tensor; its "
+                    f"forward takes more ({n.target!r} has no default)"
+                )
             dependent.add(n)
             continue
         if any(a in dependent for a in n.all_input_nodes):
@@ -356,8 +402,10 @@ def _clean_pass(gm, modules, plans: list[_Plan], x: torch.Tensor, measure: bool)
                 if a in dependent:
                     if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != x.shape[0]:
                         p.fast = False
-                        p.why = (f"its downstream part reads {a.name!r} (a batch-dependent "
-                                 f"{type(v).__name__}) from upstream")
+                        p.why = (
+                            f"its downstream part reads {a.name!r} (a batch-dependent "
+                            f"{type(v).__name__}) from upstream"
+                        )
                         continue
                     p.batched.add(a)
                     v = v.clone()
@@ -385,7 +433,8 @@ def _clean_pass(gm, modules, plans: list[_Plan], x: torch.Tensor, measure: bool)
                 rec = records[p.layer.name]
                 run = (p.after + list(p.consumers)) if p.delta else p.nodes
                 down_bytes = sum(sizes.get(n, 0) for n in run) + sum(
-                    _nbytes(v) for a, v in rec.boundary.items() if a in p.batched)
+                    _nbytes(v) for a, v in rec.boundary.items() if a in p.batched
+                )
                 if not p.delta:
                     down_bytes += _nbytes(rec.z)
                 p.sample_bytes = down_bytes / b
@@ -394,8 +443,9 @@ def _clean_pass(gm, modules, plans: list[_Plan], x: torch.Tensor, measure: bool)
     return out, {p.layer.name: records[p.layer.name] for p in fast if p.fast}
 
 
-def _multipliers(plan: _Plan, clusters: Sequence[int], factors: tuple[float, ...],
-                 dtype, device) -> torch.Tensor:
+def _multipliers(
+    plan: _Plan, clusters: Sequence[int], factors: tuple[float, ...], dtype, device
+) -> torch.Tensor:
     # Built in float64 and rounded once: the same multiplier whatever the model's dtype.
     mult = torch.ones(len(clusters) * len(factors), plan.layer.num_neurons, dtype=torch.float64)
     for j, c in enumerate(clusters):
@@ -426,8 +476,9 @@ def _region_values(plan: _Plan, gm, modules, rec: _Record, factors: tuple[float,
     z = rec.z
     nf, b = len(factors), z.shape[0]
     alpha = torch.tensor(factors, dtype=torch.float64).to(device=z.device, dtype=z.dtype)
-    env: dict[fx.Node, object] = {plan.node: (z.unsqueeze(0) * alpha.view(
-        [nf] + [1] * z.dim())).reshape(nf * b, *z.shape[1:])}
+    env: dict[fx.Node, object] = {
+        plan.node: (z.unsqueeze(0) * alpha.view([nf] + [1] * z.dim())).reshape(nf * b, *z.shape[1:])
+    }
     needed = set(plan.region)
     for a, v in rec.boundary.items():
         if any(a in n.all_input_nodes for n in plan.region):
@@ -435,14 +486,17 @@ def _region_values(plan: _Plan, gm, modules, rec: _Record, factors: tuple[float,
     for n in plan.region:
         env[n] = _run_node(n, env, gm, modules)
     # minus the clean consumer input: the change of every channel under each factor
-    rec.region = {c: (env[c.args[0]].reshape(nf, b, *env[c.args[0]].shape[1:])
-                      - rec.cin[c].unsqueeze(0))
-                  for c in plan.consumers if c.args[0] in needed or c.args[0] is plan.node}
+    rec.region = {
+        c: (env[c.args[0]].reshape(nf, b, *env[c.args[0]].shape[1:]) - rec.cin[c].unsqueeze(0))
+        for c in plan.consumers
+        if c.args[0] in needed or c.args[0] is plan.node
+    }
     return rec.region
 
 
-def _delta_consumer(c: _Consumer, dvf: torch.Tensor, cout: torch.Tensor,
-                    clusters: Sequence[int]) -> torch.Tensor:
+def _delta_consumer(
+    c: _Consumer, dvf: torch.Tensor, cout: torch.Tensor, clusters: Sequence[int]
+) -> torch.Tensor:
     """The consumer's output for every mutant of ``clusters``: its clean output plus the
     consumer applied to the change of the mutant's own columns/channels only. ``dvf``:
     ``(factors, b, ...)`` from :func:`_region_values`; returns ``(clusters * factors * b, ...)``,
@@ -450,18 +504,20 @@ def _delta_consumer(c: _Consumer, dvf: torch.Tensor, cout: torch.Tensor,
     nf, b = dvf.shape[0], dvf.shape[1]
     rows = nf * b
     base = _repeat(cout, nf)
-    out = torch.empty((len(clusters) * rows, *cout.shape[1:]), dtype=cout.dtype,
-                      device=cout.device)
+    out = torch.empty((len(clusters) * rows, *cout.shape[1:]), dtype=cout.dtype, device=cout.device)
     mod = c.module
     dvf = dvf.reshape(rows, *dvf.shape[2:])
     for j, cl in enumerate(clusters):
         idx, w = c.index[cl], c.weights[cl]
         dv = dvf.index_select(1, idx)
         if c.kind == "linear":
-            torch.addmm(base, dv, w.t(), out=out[j * rows:(j + 1) * rows])
+            torch.addmm(base, dv, w.t(), out=out[j * rows : (j + 1) * rows])
         else:
-            torch.add(base, F.conv2d(dv, w, None, mod.stride, mod.padding, mod.dilation, 1),
-                      out=out[j * rows:(j + 1) * rows])
+            torch.add(
+                base,
+                F.conv2d(dv, w, None, mod.stride, mod.padding, mod.dilation, 1),
+                out=out[j * rows : (j + 1) * rows],
+            )
     return out
 
 
@@ -477,24 +533,34 @@ def _run_nodes(nodes: list[fx.Node], env: dict, last_use: dict, gm, modules):
     raise ValueError("the traced graph has no output")
 
 
-def _run_mutants(plan: _Plan, gm, modules, rec: _Record, clusters: Sequence[int],
-                 factors: tuple[float, ...], s0: int, s1: int) -> torch.Tensor:
+def _run_mutants(
+    plan: _Plan,
+    gm,
+    modules,
+    rec: _Record,
+    clusters: Sequence[int],
+    factors: tuple[float, ...],
+    s0: int,
+    s1: int,
+) -> torch.Tensor:
     """Model outputs of the chunk's mutants on samples ``s0:s1``: (m * b, K), mutant-major."""
     m = len(clusters) * len(factors)
     if plan.delta and not plan.verified:
         _verify_delta(plan, gm, modules, rec, clusters, factors, s0, s1)
     if not plan.delta:
         z = rec.z[s0:s1]
-        env: dict[fx.Node, object] = {plan.node: _scale(plan, z, _multipliers(
-            plan, clusters, factors, z.dtype, z.device))}
+        env: dict[fx.Node, object] = {
+            plan.node: _scale(plan, z, _multipliers(plan, clusters, factors, z.dtype, z.device))
+        }
         for a, v in rec.boundary.items():
             env[a] = _repeat(v[s0:s1], m) if a in plan.batched else v
         return _run_nodes(plan.nodes, env, plan.last_use, gm, modules)
     region = _region_values(plan, gm, modules, rec, factors)
     env = {}
     for c in plan.consumers.values():
-        env[c.node] = _delta_consumer(c, region[c.node][:, s0:s1], rec.cout[c.node][s0:s1],
-                                      clusters)
+        env[c.node] = _delta_consumer(
+            c, region[c.node][:, s0:s1], rec.cout[c.node][s0:s1], clusters
+        )
     after = set(plan.after)
     for a, v in rec.boundary.items():
         if any(a in n.all_input_nodes for n in after):
@@ -502,8 +568,16 @@ def _run_mutants(plan: _Plan, gm, modules, rec: _Record, clusters: Sequence[int]
     return _run_nodes(plan.after, env, plan.last_use_after, gm, modules)
 
 
-def _verify_delta(plan: _Plan, gm, modules, rec: _Record, clusters: Sequence[int],
-                  factors: tuple[float, ...], s0: int, s1: int) -> None:
+def _verify_delta(
+    plan: _Plan,
+    gm,
+    modules,
+    rec: _Record,
+    clusters: Sequence[int],
+    factors: tuple[float, ...],
+    s0: int,
+    s1: int,
+) -> None:
     """Once per layer, on a few samples: the low-rank route must match running the consumers
     (it assumes the ops between the layer and its consumers act channel by channel and that a
     flatten is channel-major; anything else switches it off)."""
@@ -513,16 +587,23 @@ def _verify_delta(plan: _Plan, gm, modules, rec: _Record, clusters: Sequence[int
     plan.delta = False
     direct = _run_mutants(plan, gm, modules, rec, clusters, factors, s0, s1)
     scale = 1.0 + (float(direct.abs().max()) if direct.numel() else 0.0)
-    if torch.is_tensor(fast) and fast.shape == direct.shape and \
-            torch.allclose(fast, direct, rtol=1e-3, atol=1e-4 * scale):
+    if (
+        torch.is_tensor(fast)
+        and fast.shape == direct.shape
+        and torch.allclose(fast, direct, rtol=1e-3, atol=1e-4 * scale)
+    ):
         plan.delta = True
     else:
-        logger.warning("mutation analysis: the low-rank update of layer %r's consumers does "
-                       "not match running them; its mutants run in full.", plan.layer.name)
+        logger.warning(
+            "mutation analysis: the low-rank update of layer %r's consumers does "
+            "not match running them; its mutants run in full.",
+            plan.layer.name,
+        )
 
 
-def _run_mutants_hooked(plan: _Plan, model: nn.Module, x: torch.Tensor, clusters, factors,
-                        s0: int, s1: int) -> torch.Tensor:
+def _run_mutants_hooked(
+    plan: _Plan, model: nn.Module, x: torch.Tensor, clusters, factors, s0: int, s1: int
+) -> torch.Tensor:
     """The fallback: the whole model on the stacked inputs, the layer's output multiplied."""
     xs = x[s0:s1]
     mult = _multipliers(plan, clusters, factors, torch.float64, x.device)
@@ -533,7 +614,8 @@ def _run_mutants_hooked(plan: _Plan, model: nn.Module, x: torch.Tensor, clusters
         shape = [m, 1] + [1] * (out.dim() - 1)
         shape[-1 if plan.layer.kind == "linear" else 2] = plan.layer.num_neurons
         return (out.reshape(m, b, *out.shape[1:]) * mult.to(out.dtype).view(shape)).reshape(
-            out.shape)
+            out.shape
+        )
 
     with hooks_at(model, [(plan.layer.module, None, scale)]):
         return model(_repeat(xs, m))
@@ -557,8 +639,12 @@ def _chunks(plan: _Plan, b: int, nf: int, budget: float):
 
 
 def _check_budget(max_memory_gb) -> float:
-    if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, numbers.Real) or \
-            not math.isfinite(max_memory_gb) or max_memory_gb <= 0:
+    if (
+        isinstance(max_memory_gb, bool)
+        or not isinstance(max_memory_gb, numbers.Real)
+        or not math.isfinite(max_memory_gb)
+        or max_memory_gb <= 0
+    ):
         raise ValueError(f"max_memory_gb must be a positive number, got {max_memory_gb!r}")
     return float(max_memory_gb) * 2**30
 
@@ -613,9 +699,17 @@ def mutation_scores(
         check_cluster_size(cluster_size)
         clusters = cluster_units(model, [l.name for l in sliced], cluster_size)
     labels = check_clusters(clusters, sliced)
-    plans = [_Plan(l, labels[l.name], [torch.nonzero(labels[l.name] == k).flatten()
-                                       for k in range(int(labels[l.name].max()) + 1)])
-             for l in sliced]
+    plans = [
+        _Plan(
+            l,
+            labels[l.name],
+            [
+                torch.nonzero(labels[l.name] == k).flatten()
+                for k in range(int(labels[l.name].max()) + 1)
+            ],
+        )
+        for l in sliced
+    ]
     device = model_device(model)
     nf = len(factors)
     start = time.perf_counter()
@@ -642,23 +736,31 @@ def mutation_scores(
                         _measure_hooked(model, plans, x)
                 out = check_outputs(out, y, task, index)
                 if totals is None:
-                    totals = {p.layer.name: torch.zeros(out.shape[1], p.num_clusters,
-                                                        dtype=torch.float64) for p in plans}
+                    totals = {
+                        p.layer.name: torch.zeros(out.shape[1], p.num_clusters, dtype=torch.float64)
+                        for p in plans
+                    }
                     for p in plans:
                         if not p.fast and gm is not None:
-                            logger.info("mutation analysis of %r runs the whole model per "
-                                        "mutant: %s.", p.layer.name, p.why)
+                            logger.info(
+                                "mutation analysis of %r runs the whole model per mutant: %s.",
+                                p.layer.name,
+                                p.why,
+                            )
                 elif out.shape[1] != totals[plans[0].layer.name].shape[0]:
-                    raise ValueError(f"batch {index}: the model returned {out.shape[1]} "
-                                     f"outputs, earlier batches "
-                                     f"{totals[plans[0].layer.name].shape[0]}")
+                    raise ValueError(
+                        f"batch {index}: the model returned {out.shape[1]} "
+                        f"outputs, earlier batches "
+                        f"{totals[plans[0].layer.name].shape[0]}"
+                    )
                 b = x.shape[0]
                 for p in plans:
                     acc = totals[p.layer.name]
                     for cl, s0, s1 in _chunks(p, b, nf, budget):
                         if p.fast and p.layer.name in records:
-                            fm = _run_mutants(p, gm, modules, records[p.layer.name], cl,
-                                              factors, s0, s1)
+                            fm = _run_mutants(
+                                p, gm, modules, records[p.layer.name], cl, factors, s0, s1
+                            )
                         else:
                             fm = _run_mutants_hooked(p, model, x, cl, factors, s0, s1)
                         if fm.dim() == 1:
@@ -671,9 +773,11 @@ def mutation_scores(
                 bar.close()
     if totals is None:
         raise ValueError("the loader yielded no samples; mutation analysis needs data.")
-    logger.info("mutation analysis: %d mutants in %.2f s", nf * sum(p.num_clusters for p in
-                                                                    plans),
-                time.perf_counter() - start)
+    logger.info(
+        "mutation analysis: %d mutants in %.2f s",
+        nf * sum(p.num_clusters for p in plans),
+        time.perf_counter() - start,
+    )
     return {p.layer.name: totals[p.layer.name][:, p.labels] for p in plans}
 
 
@@ -684,8 +788,7 @@ def _measure_hooked(model: nn.Module, plans: list[_Plan], x: torch.Tensor) -> No
     def hook(_m, _i, out):
         total[0] += _nbytes(out)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         model(x)
     finally:
@@ -696,6 +799,7 @@ def _measure_hooked(model: nn.Module, plans: list[_Plan], x: torch.Tensor) -> No
 
 
 # ---- the direct definition (oracle) ------------------------------------------------------
+
 
 def reference_mutation_scores(
     model: nn.Module,
@@ -725,8 +829,7 @@ def reference_mutation_scores(
         raise ValueError(f"how must be 'weights' or 'multiplier', got {how!r}")
     sliced = find_layers(model, layers)
     if clusters is None:
-        clusters = cluster_units(model, [l.name for l in sliced], check_cluster_size(
-            cluster_size))
+        clusters = cluster_units(model, [l.name for l in sliced], check_cluster_size(cluster_size))
     labels = check_clusters(clusters, sliced)
     device = model_device(model)
     data = [tuple(t.to(device) for t in split_batch(b, i)) for i, b in enumerate(loader)]
@@ -738,11 +841,13 @@ def reference_mutation_scores(
     result = {}
     with torch.no_grad(), module_modes(work, train=False):
         clean = [check_outputs(work(x), y, task, i) for i, (x, y) in enumerate(data)]
-        items = [(l, k, a) for l in sliced for k in range(int(labels[l.name].max()) + 1)
-                 for a in factors]
+        items = [
+            (l, k, a) for l in sliced for k in range(int(labels[l.name].max()) + 1) for a in factors
+        ]
         for l in sliced:
-            result[l.name] = torch.zeros(clean[0].shape[1], int(labels[l.name].max()) + 1,
-                                         dtype=torch.float64)
+            result[l.name] = torch.zeros(
+                clean[0].shape[1], int(labels[l.name].max()) + 1, dtype=torch.float64
+            )
         for l, k, a in progress_bar(items, progress, "reference mutants", "mutant"):
             units = torch.nonzero(labels[l.name] == k).flatten()
             if how == "weights":
@@ -770,6 +875,7 @@ def reference_mutation_scores(
 
 # ---- a contribution metric for slicing ---------------------------------------------------
 
+
 def add_mutation_scores(profile, scores: dict[str, torch.Tensor]):
     """Insert mutation scores into ``profile`` as the metric ``"mutation"`` and return it.
 
@@ -786,21 +892,26 @@ def add_mutation_scores(profile, scores: dict[str, torch.Tensor]):
     if not isinstance(profile, Profile):
         raise TypeError(f"expected a neuslice.Profile, got {type(profile).__name__}")
     if not isinstance(scores, dict):
-        raise TypeError(f"scores must be the dict mutation_scores returns, got "
-                        f"{type(scores).__name__}")
+        raise TypeError(
+            f"scores must be the dict mutation_scores returns, got {type(scores).__name__}"
+        )
     missing = [l for l in profile.layers if l not in scores]
     if missing:
-        raise ValueError(f"scores have no entry for profiled layer(s) {missing}; compute "
-                         f"mutation_scores with layers={profile.layers}")
+        raise ValueError(
+            f"scores have no entry for profiled layer(s) {missing}; compute "
+            f"mutation_scores with layers={profile.layers}"
+        )
     new = {}
     for layer in profile.layers:
         s = torch.as_tensor(scores[layer])
         want = (profile.num_classes, profile.num_neurons[layer])
         if tuple(s.shape) != want:
-            raise ValueError(f"scores[{layer!r}] has shape {tuple(s.shape)}, the profile needs "
-                             f"{want} (categories x neurons): were they computed on another "
-                             f"model, or is the profile's num_classes not the model's number of "
-                             f"outputs?")
+            raise ValueError(
+                f"scores[{layer!r}] has shape {tuple(s.shape)}, the profile needs "
+                f"{want} (categories x neurons): were they computed on another "
+                f"model, or is the profile's num_classes not the model's number of "
+                f"outputs?"
+            )
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"scores[{layer!r}] holds NaN/Inf")
         new[f"{layer}.mutation"] = s.detach().to(device="cpu", dtype=torch.float64).clone()

@@ -47,8 +47,14 @@ from ..layers import SLICEABLE_TYPES, find_layers, model_fingerprint
 from ..maintenance.restructure import restructure
 from ..slicing import Slice
 from .clustering import check_cluster_size, cluster_units
-from .incite import (DEFAULT_FACTORS, check_clusters, check_outputs, check_task, split_batch,
-                     mutation_scores)
+from .incite import (
+    DEFAULT_FACTORS,
+    check_clusters,
+    check_outputs,
+    check_task,
+    split_batch,
+    mutation_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ _VERSION = 1
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
 
 def _encode(mask: torch.Tensor) -> str:
     return np.packbits(mask.cpu().numpy().astype(np.uint8)).tobytes().hex()
@@ -82,11 +89,16 @@ def head_name(model: nn.Module) -> str:
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:
-        raise ValueError(f"decompose needs a model torch.fx can trace ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from exc
+        raise ValueError(
+            f"decompose needs a model torch.fx can trace ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]})"
+        ) from exc
     named = dict(model.named_modules())
-    nodes = [n for n in gm.graph.nodes
-             if n.op == "call_module" and isinstance(named.get(n.target), SLICEABLE_TYPES)]
+    nodes = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(named.get(n.target), SLICEABLE_TYPES)
+    ]
     if not nodes:
         raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d output layer")
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -95,7 +107,8 @@ def head_name(model: nn.Module) -> str:
             f"decompose replaces the output layer {nodes[-1].target!r} by a per-module head, so "
             f"the model must return that layer's output directly (it applies "
             f"{out.args[0].op} {getattr(out.args[0].target, '__name__', out.args[0].target)!r} "
-            f"after it).")
+            f"after it)."
+        )
     return nodes[-1].target
 
 
@@ -136,7 +149,7 @@ def _features(module: nn.Module, head: nn.Module, x: torch.Tensor, batch: int = 
     try:
         with torch.no_grad(), module_modes(module, train=False):
             for i in range(0, len(x), batch):
-                module(x[i:i + batch].to(device))
+                module(x[i : i + batch].to(device))
     finally:
         handle.remove()
     return torch.cat(got)
@@ -148,8 +161,18 @@ def _split_val(idx: torch.Tensor, fraction: float, g: torch.Generator):
     return idx[n:], idx[:n]
 
 
-def _train_head(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor, train_idx,
-                val_idx, task: str, epochs: int, lr: float, batch: int, g: torch.Generator):
+def _train_head(
+    head: nn.Module,
+    feats: torch.Tensor,
+    targets: torch.Tensor,
+    train_idx,
+    val_idx,
+    task: str,
+    epochs: int,
+    lr: float,
+    batch: int,
+    g: torch.Generator,
+):
     """Adam on the head alone; returns (best validation metric, epochs run). Keeps the best
     epoch's parameters (epoch 0 = the initialisation)."""
     if len(val_idx) == 0:
@@ -169,7 +192,7 @@ def _train_head(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor, tra
     for _ in range(epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=g)]
         for i in range(0, len(order), batch):
-            b = order[i:i + batch]
+            b = order[i : i + batch]
             out = head(feats[b])
             if task == "classification":
                 loss = F.cross_entropy(out, targets[b])
@@ -191,8 +214,11 @@ def _balanced(y: torch.Tensor, o: int, g: torch.Generator) -> tuple[torch.Tensor
     """All samples of class ``o`` and as many negatives, taken in turn from the other classes;
     returns (indices, binary labels: 1 = class o)."""
     pos = torch.nonzero(y == o).flatten()
-    pools = [idx[torch.randperm(len(idx), generator=g)] for k in torch.unique(y).tolist()
-             if k != o and len(idx := torch.nonzero(y == k).flatten())]
+    pools = [
+        idx[torch.randperm(len(idx), generator=g)]
+        for k in torch.unique(y).tolist()
+        if k != o and len(idx := torch.nonzero(y == k).flatten())
+    ]
     neg: list[int] = []
     depth = 0
     while len(neg) < len(pos) and any(depth < len(p) for p in pools):
@@ -201,11 +227,13 @@ def _balanced(y: torch.Tensor, o: int, g: torch.Generator) -> tuple[torch.Tensor
                 neg.append(int(p[depth]))
         depth += 1
     neg_t = torch.tensor(neg, dtype=torch.long)
-    return torch.cat([pos, neg_t]), torch.cat([torch.ones(len(pos), dtype=torch.long),
-                                              torch.zeros(len(neg_t), dtype=torch.long)])
+    return torch.cat([pos, neg_t]), torch.cat(
+        [torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg_t), dtype=torch.long)]
+    )
 
 
 # ---- the result ---------------------------------------------------------------------------
+
 
 class Modules:
     """One module per output of a decomposed model.
@@ -216,9 +244,19 @@ class Modules:
     ``masks[k]`` are the hidden units it keeps (layer -> bool tensor).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], masks: Sequence[dict[str, torch.Tensor]], *,
-                 task: str, method: str, head: str, input_shape: Sequence[int],
-                 fingerprint: str, original_params: int, info: dict | None = None):
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        masks: Sequence[dict[str, torch.Tensor]],
+        *,
+        task: str,
+        method: str,
+        head: str,
+        input_shape: Sequence[int],
+        fingerprint: str,
+        original_params: int,
+        info: dict | None = None,
+    ):
         self.modules = list(modules)
         self.masks = [{k: v.bool().cpu() for k, v in m.items()} for m in masks]
         self.task, self.method, self.head = check_task(task), method, head
@@ -236,17 +274,21 @@ class Modules:
         return iter(self.modules)
 
     def __repr__(self) -> str:
-        return (f"Modules({len(self)} {self.task} modules by {self.method}, overlap "
-                f"{self.overlap():.3f}, compression {self.compression():.2f}x)")
+        return (
+            f"Modules({len(self)} {self.task} modules by {self.method}, overlap "
+            f"{self.overlap():.3f}, compression {self.compression():.2f}x)"
+        )
 
     # ---- inference ---------------------------------------------------------------------
     def _check_inputs(self, inputs) -> torch.Tensor:
         if not torch.is_tensor(inputs):
             raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
         if inputs.dim() < 1 or list(inputs.shape[1:]) != self.input_shape:
-            raise ValueError(f"these modules take inputs of shape (batch, "
-                             f"{', '.join(map(str, self.input_shape))}), got "
-                             f"{tuple(inputs.shape)}")
+            raise ValueError(
+                f"these modules take inputs of shape (batch, "
+                f"{', '.join(map(str, self.input_shape))}), got "
+                f"{tuple(inputs.shape)}"
+            )
         return inputs
 
     def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -258,8 +300,9 @@ class Modules:
             for m in self.modules:
                 with module_modes(m, train=False):
                     out = m(x.to(model_device(m)))
-                cols.append(out.softmax(1)[:, 1] if self.task == "classification"
-                            else out.reshape(len(x)))
+                cols.append(
+                    out.softmax(1)[:, 1] if self.task == "classification" else out.reshape(len(x))
+                )
         return torch.stack([c.cpu() for c in cols], dim=1)
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -272,9 +315,11 @@ class Modules:
     def overlap(self) -> float:
         """Mean pairwise Jaccard similarity of the modules' kept hidden units (NaN for a single
         module)."""
-        sets = [{(l, int(i)) for l, m in masks.items() for i in torch.nonzero(m).flatten()}
-                for masks in self.masks]
-        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+        sets = [
+            {(l, int(i)) for l, m in masks.items() for i in torch.nonzero(m).flatten()}
+            for masks in self.masks
+        ]
+        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
         if not pairs:
             return float("nan")
         return float(np.mean([len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs]))
@@ -292,9 +337,11 @@ class Modules:
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         fp = model_fingerprint(model)
         if fp != self.fingerprint:
-            raise ValueError(f"these modules were extracted from another model (fingerprint "
-                             f"{self.fingerprint}; this model has {fp}: other layer names, "
-                             f"shapes or module types)")
+            raise ValueError(
+                f"these modules were extracted from another model (fingerprint "
+                f"{self.fingerprint}; this model has {fp}: other layer names, "
+                f"shapes or module types)"
+            )
 
     def evaluate(self, loader: Iterable, original: nn.Module | None = None) -> dict:
         """Combined accuracy (classifiers) or MAE (regressors: the mean over outputs of each
@@ -326,8 +373,12 @@ class Modules:
             n += len(x)
         if n == 0:
             raise ValueError("the loader yielded no samples")
-        res: dict = {"modules": len(self), "samples": n, "overlap": self.overlap(),
-                     "compression": self.compression()}
+        res: dict = {
+            "modules": len(self),
+            "samples": n,
+            "overlap": self.overlap(),
+            "compression": self.compression(),
+        }
         if self.task == "classification":
             res["accuracy"] = correct / n
             if original is not None:
@@ -341,8 +392,13 @@ class Modules:
 
     def slice(self, k: int) -> Slice:
         """Module ``k``'s kept units as a :class:`neuslice.Slice` of the original model."""
-        return Slice(masks=dict(self.masks[k]), strategy=f"{self.method}-module",
-                     metric=None, fingerprint=self.fingerprint, input_shape=self.input_shape)
+        return Slice(
+            masks=dict(self.masks[k]),
+            strategy=f"{self.method}-module",
+            metric=None,
+            fingerprint=self.fingerprint,
+            input_shape=self.input_shape,
+        )
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -352,14 +408,28 @@ class Modules:
         entries = []
         for k, (m, masks) in enumerate(zip(self.modules, self.masks)):
             name = f"module_{k}.pt"
-            atomic_torch_save({n: t.detach().cpu() for n, t in m.state_dict().items()},
-                              os.path.join(path, name))
-            entries.append({"file": name, "masks": {l: _encode(v) for l, v in masks.items()},
-                            "sizes": {l: int(v.numel()) for l, v in masks.items()}})
-        manifest = {"format": _FORMAT, "version": _VERSION, "task": self.task,
-                    "method": self.method, "head": self.head, "input_shape": self.input_shape,
-                    "fingerprint": self.fingerprint, "original_params": self.original_params,
-                    "info": self.info, "modules": entries}
+            atomic_torch_save(
+                {n: t.detach().cpu() for n, t in m.state_dict().items()}, os.path.join(path, name)
+            )
+            entries.append(
+                {
+                    "file": name,
+                    "masks": {l: _encode(v) for l, v in masks.items()},
+                    "sizes": {l: int(v.numel()) for l, v in masks.items()},
+                }
+            )
+        manifest = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "task": self.task,
+            "method": self.method,
+            "head": self.head,
+            "input_shape": self.input_shape,
+            "fingerprint": self.fingerprint,
+            "original_params": self.original_params,
+            "info": self.info,
+            "modules": entries,
+        }
         text = json.dumps(manifest, indent=1, default=float).encode()
         atomic_write(os.path.join(path, "manifest.json"), lambda f: f.write(text))
 
@@ -377,25 +447,44 @@ class Modules:
         except Exception as exc:
             raise ValueError(f"{path}/manifest.json is not readable: {exc}") from exc
         if man.get("format") != _FORMAT or man.get("version") != _VERSION:
-            raise ValueError(f"{path} does not hold neuslice modules (format "
-                             f"{man.get('format')!r}, version {man.get('version')!r})")
-        shell = cls([], [], task=man["task"], method=man["method"], head=man["head"],
-                    input_shape=man["input_shape"], fingerprint=man["fingerprint"],
-                    original_params=man["original_params"], info=man.get("info"))
+            raise ValueError(
+                f"{path} does not hold neuslice modules (format "
+                f"{man.get('format')!r}, version {man.get('version')!r})"
+            )
+        shell = cls(
+            [],
+            [],
+            task=man["task"],
+            method=man["method"],
+            head=man["head"],
+            input_shape=man["input_shape"],
+            fingerprint=man["fingerprint"],
+            original_params=man["original_params"],
+            info=man.get("info"),
+        )
         shell.check_model(model)
         example = torch.zeros([1, *shell.input_shape], device=model_device(model))
         for entry in man["modules"]:
             masks = {l: _decode(v, entry["sizes"][l]) for l, v in entry["masks"].items()}
-            state = torch.load(os.path.join(path, entry["file"]), map_location="cpu",
-                               weights_only=True)
-            sl = Slice(masks=masks, strategy=f"{shell.method}-module", metric=None,
-                       fingerprint=shell.fingerprint, input_shape=shell.input_shape)
+            state = torch.load(
+                os.path.join(path, entry["file"]), map_location="cpu", weights_only=True
+            )
+            sl = Slice(
+                masks=masks,
+                strategy=f"{shell.method}-module",
+                metric=None,
+                fingerprint=shell.fingerprint,
+                input_shape=shell.input_shape,
+            )
             small = restructure(model, sl, example)
             old = small.get_submodule(shell.head)
             w = state[f"{shell.head}.weight"]
             b = state.get(f"{shell.head}.bias")
-            _set_module(small, shell.head, _new_head(old, torch.empty_like(w),
-                                                      None if b is None else torch.empty_like(b)))
+            _set_module(
+                small,
+                shell.head,
+                _new_head(old, torch.empty_like(w), None if b is None else torch.empty_like(b)),
+            )
             small.load_state_dict(state)
             _freeze(small, shell.head)
             small.eval()
@@ -412,20 +501,43 @@ def _freeze(module: nn.Module, head: str) -> None:
 
 # ---- decomposition ------------------------------------------------------------------------
 
-def _incite_masks(model, loader, task, sliced, num_outputs, fraction, cluster_size, factors,
-                  scores, clusters, max_memory_gb, progress, info):
+
+def _incite_masks(
+    model,
+    loader,
+    task,
+    sliced,
+    num_outputs,
+    fraction,
+    cluster_size,
+    factors,
+    scores,
+    clusters,
+    max_memory_gb,
+    progress,
+    info,
+):
     names = [l.name for l in sliced]
     if clusters is None:
         clusters = cluster_units(model, names, check_cluster_size(cluster_size))
     labels = check_clusters(clusters, sliced)
     if scores is None:
         t0 = time.perf_counter()
-        scores = mutation_scores(model, loader, task, names, clusters=labels, factors=factors,
-                                 max_memory_gb=max_memory_gb, progress=progress)
+        scores = mutation_scores(
+            model,
+            loader,
+            task,
+            names,
+            clusters=labels,
+            factors=factors,
+            max_memory_gb=max_memory_gb,
+            progress=progress,
+        )
         info["mutation_time_s"] = time.perf_counter() - t0
     if not isinstance(scores, dict):
-        raise TypeError(f"scores must be the dict mutation_scores returns, got "
-                        f"{type(scores).__name__}")
+        raise TypeError(
+            f"scores must be the dict mutation_scores returns, got {type(scores).__name__}"
+        )
     for l in sliced:
         s = scores.get(l.name)
         if s is None or tuple(torch.as_tensor(s).shape) != (num_outputs, l.num_neurons):
@@ -433,7 +545,8 @@ def _incite_masks(model, loader, task, sliced, num_outputs, fraction, cluster_si
                 f"scores[{l.name!r}] must have shape ({num_outputs}, {l.num_neurons}) (outputs x "
                 f"neurons of this model), got "
                 f"{None if s is None else tuple(torch.as_tensor(s).shape)}: were the scores "
-                f"computed on another model?")
+                f"computed on another model?"
+            )
     masks = []
     for o in range(num_outputs):
         per = {}
@@ -443,14 +556,25 @@ def _incite_masks(model, loader, task, sliced, num_outputs, fraction, cluster_si
             first = torch.stack([torch.nonzero(lab == c).flatten()[0] for c in range(k)])
             cluster_scores = torch.as_tensor(scores[l.name])[o].cpu()[first]
             keep = torch.argsort(cluster_scores, descending=True, stable=True)[
-                :math.ceil(fraction * k)]
+                : math.ceil(fraction * k)
+            ]
             per[l.name] = torch.isin(lab, keep)
         masks.append(per)
     return masks
 
 
-def _semantic_masks(model, loader, sliced, num_outputs, metric, threshold, progress, info,
-                    profile_kwargs, max_memory_gb):
+def _semantic_masks(
+    model,
+    loader,
+    sliced,
+    num_outputs,
+    metric,
+    threshold,
+    progress,
+    info,
+    profile_kwargs,
+    max_memory_gb,
+):
     from ..profiling.profile import profile
     from ..slicing import semantic_slice
     from .incite import add_mutation_scores
@@ -458,13 +582,28 @@ def _semantic_masks(model, loader, sliced, num_outputs, metric, threshold, progr
     names = [l.name for l in sliced]
     t0 = time.perf_counter()
     metrics = ("avg",) if metric == "mutation" else (metric,)
-    prof = profile(model, loader, num_outputs, names, metrics=metrics, progress=progress,
-                   **(profile_kwargs or {}))
+    prof = profile(
+        model,
+        loader,
+        num_outputs,
+        names,
+        metrics=metrics,
+        progress=progress,
+        **(profile_kwargs or {}),
+    )
     if metric == "mutation":
         t1 = time.perf_counter()
-        add_mutation_scores(prof, mutation_scores(model, loader, "classification", names,
-                                                  max_memory_gb=max_memory_gb,
-                                                  progress=progress))
+        add_mutation_scores(
+            prof,
+            mutation_scores(
+                model,
+                loader,
+                "classification",
+                names,
+                max_memory_gb=max_memory_gb,
+                progress=progress,
+            ),
+        )
         info["mutation_time_s"] = time.perf_counter() - t1
     sl = semantic_slice(prof, metric, threshold)
     info["profile_time_s"] = time.perf_counter() - t0
@@ -525,13 +664,18 @@ def decompose(
         raise ValueError(f"method must be 'incite' or 'semantic', got {method!r}")
     task = check_task(task)
     if method == "semantic" and task != "classification":
-        raise ValueError("method='semantic' slices per class category, so it needs "
-                         "task='classification'")
+        raise ValueError(
+            "method='semantic' slices per class category, so it needs task='classification'"
+        )
     fraction = check_fraction("fraction", fraction)
     head_epochs = _positive_int("head_epochs", head_epochs, 0)
     head_batch_size = _positive_int("head_batch_size", head_batch_size)
-    if isinstance(head_lr, bool) or not isinstance(head_lr, numbers.Real) or \
-            not math.isfinite(head_lr) or head_lr <= 0:
+    if (
+        isinstance(head_lr, bool)
+        or not isinstance(head_lr, numbers.Real)
+        or not math.isfinite(head_lr)
+        or head_lr <= 0
+    ):
         raise ValueError(f"head_lr must be a positive number, got {head_lr!r}")
     val_fraction = check_fraction("val_fraction", val_fraction, open_low=False)
     if val_fraction >= 1:
@@ -546,20 +690,44 @@ def decompose(
         out = check_outputs(model(x[:2].to(device)), y[:2], task, 0)
     k = out.shape[1]
     if task == "classification" and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise ValueError(f"class labels must lie in [0, {k}) for a model with {k} outputs, "
-                         f"found [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"class labels must lie in [0, {k}) for a model with {k} outputs, "
+            f"found [{int(y.min())}, {int(y.max())}]"
+        )
     if task == "regression":
         y = y.reshape(len(y), -1).to(torch.float32)
         if y.shape[1] != k:
-            raise ValueError(f"regression targets have {y.shape[1]} columns, the model {k} "
-                             f"outputs")
+            raise ValueError(f"regression targets have {y.shape[1]} columns, the model {k} outputs")
     info: dict = {}
     if method == "incite":
-        masks = _incite_masks(model, loader, task, sliced, k, fraction, cluster_size, factors,
-                              scores, clusters, max_memory_gb, progress, info)
+        masks = _incite_masks(
+            model,
+            loader,
+            task,
+            sliced,
+            k,
+            fraction,
+            cluster_size,
+            factors,
+            scores,
+            clusters,
+            max_memory_gb,
+            progress,
+            info,
+        )
     else:
-        masks = _semantic_masks(model, loader, sliced, k, metric, threshold, progress, info,
-                                profile_kwargs, max_memory_gb)
+        masks = _semantic_masks(
+            model,
+            loader,
+            sliced,
+            k,
+            metric,
+            threshold,
+            progress,
+            info,
+            profile_kwargs,
+            max_memory_gb,
+        )
     fingerprint = model_fingerprint(model)
     input_shape = list(x.shape[1:])
     example = x[:1].to(device)
@@ -567,8 +735,13 @@ def decompose(
     t_extract = t_head = 0.0
     for o in progress_bar(range(k), progress, "neuslice modules", "module"):
         t0 = time.perf_counter()
-        sl = Slice(masks=masks[o], strategy=f"{method}-module", metric=None,
-                   fingerprint=fingerprint, input_shape=input_shape)
+        sl = Slice(
+            masks=masks[o],
+            strategy=f"{method}-module",
+            metric=None,
+            fingerprint=fingerprint,
+            input_shape=input_shape,
+        )
         small, eff = restructure(model, sl, example, return_slice=True)
         old = small.get_submodule(head)
         w, b = old.weight.detach(), None if old.bias is None else old.bias.detach()
@@ -577,7 +750,7 @@ def decompose(
             weight = torch.stack([w[others].mean(0), w[o]])
             bias = None if b is None else torch.stack([b[others].mean(0), b[o]])
         else:
-            weight, bias = w[o:o + 1], None if b is None else b[o:o + 1]
+            weight, bias = w[o : o + 1], None if b is None else b[o : o + 1]
         new = _new_head(old, weight, bias)
         _set_module(small, head, new)
         _freeze(small, head)
@@ -595,22 +768,55 @@ def decompose(
             feats = _features(small, new, x[idx])
             remap = torch.full((len(y),), -1, dtype=torch.long)
             remap[idx] = torch.arange(len(idx))
-            _train_head(new, feats, labels[idx], remap[train_idx], remap[val_idx], task,
-                        head_epochs, head_lr, head_batch_size, g)
+            _train_head(
+                new,
+                feats,
+                labels[idx],
+                remap[train_idx],
+                remap[val_idx],
+                task,
+                head_epochs,
+                head_lr,
+                head_batch_size,
+                g,
+            )
         else:
             train_idx, val_idx = _split_val(torch.arange(len(y)), val_fraction, g)
             feats = _features(small, new, x)
-            _train_head(new, feats, y[:, o], train_idx, val_idx, task, head_epochs, head_lr,
-                        head_batch_size, g)
+            _train_head(
+                new,
+                feats,
+                y[:, o],
+                train_idx,
+                val_idx,
+                task,
+                head_epochs,
+                head_lr,
+                head_batch_size,
+                g,
+            )
         new.requires_grad_(True)
         t_extract += t1 - t0
         t_head += time.perf_counter() - t1
         modules.append(small)
         kept.append(eff.masks)
-    info.update(extract_time_s=t_extract, head_time_s=t_head, fraction=fraction,
-                cluster_size=cluster_size, factors=list(factors), metric=metric,
-                threshold=threshold)
-    return Modules(modules, kept, task=task, method=method, head=head, input_shape=input_shape,
-                   fingerprint=fingerprint, original_params=sum(p.numel() for p in
-                                                                model.parameters()),
-                   info=info)
+    info.update(
+        extract_time_s=t_extract,
+        head_time_s=t_head,
+        fraction=fraction,
+        cluster_size=cluster_size,
+        factors=list(factors),
+        metric=metric,
+        threshold=threshold,
+    )
+    return Modules(
+        modules,
+        kept,
+        task=task,
+        method=method,
+        head=head,
+        input_shape=input_shape,
+        fingerprint=fingerprint,
+        original_params=sum(p.numel() for p in model.parameters()),
+        info=info,
+    )

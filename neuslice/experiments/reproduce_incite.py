@@ -51,9 +51,21 @@ from torch.utils.data import DataLoader, TensorDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LeNet5", "regression_mlp", "exp_log", "sin_cos_sqrt", "diabetes", "IncitePaths",
-           "InciteConfig", "SUBJECTS", "PUBLISHED", "run", "format_table", "plot",
-           "train_regressor"]
+__all__ = [
+    "LeNet5",
+    "regression_mlp",
+    "exp_log",
+    "sin_cos_sqrt",
+    "diabetes",
+    "IncitePaths",
+    "InciteConfig",
+    "SUBJECTS",
+    "PUBLISHED",
+    "run",
+    "format_table",
+    "plot",
+    "train_regressor",
+]
 
 # The abstract's averages: accuracy / MAE change in %, overlap in %, compression ratio.
 PUBLISHED = {
@@ -70,17 +82,27 @@ class LeNet5(nn.Sequential):
     """
 
     def __init__(self, num_classes: int = 10) -> None:
-        super().__init__(OrderedDict(
-            conv1=nn.Conv2d(1, 6, 5, padding=2), act1=nn.Tanh(), pool1=nn.AvgPool2d(2),
-            conv2=nn.Conv2d(6, 16, 5), act2=nn.Tanh(), pool2=nn.AvgPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(400, 120), act3=nn.Tanh(),
-            fc2=nn.Linear(120, 84), act4=nn.Tanh(),
-            head=nn.Linear(84, num_classes),
-        ))
+        super().__init__(
+            OrderedDict(
+                conv1=nn.Conv2d(1, 6, 5, padding=2),
+                act1=nn.Tanh(),
+                pool1=nn.AvgPool2d(2),
+                conv2=nn.Conv2d(6, 16, 5),
+                act2=nn.Tanh(),
+                pool2=nn.AvgPool2d(2),
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(400, 120),
+                act3=nn.Tanh(),
+                fc2=nn.Linear(120, 84),
+                act4=nn.Tanh(),
+                head=nn.Linear(84, num_classes),
+            )
+        )
 
 
-def regression_mlp(inputs: int, outputs: int, hidden: Sequence[int] = (64, 64, 64)) -> nn.Sequential:
+def regression_mlp(
+    inputs: int, outputs: int, hidden: Sequence[int] = (64, 64, 64)
+) -> nn.Sequential:
     """``inputs``-hidden...-``outputs`` ReLU network (named ``fc1``.., ``head``)."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     width = inputs
@@ -132,8 +154,15 @@ def diabetes():
 
 # ---- training ----------------------------------------------------------------------------
 
-def train_regressor(model: nn.Module, train_set, epochs: int = 40, batch_size: int = 64,
-                    lr: float = 1e-3, seed: int = 0) -> nn.Module:
+
+def train_regressor(
+    model: nn.Module,
+    train_set,
+    epochs: int = 40,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> nn.Module:
     """Adam on the MAE (L1) loss, as the artifact trains its regressors; eval mode after."""
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g)
@@ -200,9 +229,11 @@ class InciteConfig:
 def _load(data: str):
     if data == "mnist5k":
         from .data import load_mnist5k
+
         return load_mnist5k()
     if data == "digits":
         from .data import load_digits
+
         return load_digits()
     return {"exp-log": exp_log, "sin-cos-sqrt": sin_cos_sqrt, "diabetes": diabetes}[data]()
 
@@ -211,14 +242,17 @@ def _build(name: str, train_set) -> nn.Module:
     x, y = train_set[0]
     if name == "mlp":
         from .models import MLP
+
         return MLP()
     if name == "mlp-digits":
         from .models import MLP
+
         return MLP(in_features=64, hidden=(128, 64))
     if name == "lenet5":
         return LeNet5()
-    return regression_mlp(x.numel(), y.numel(),
-                          hidden=(64, 64) if y.numel() == 1 and x.numel() > 1 else (64, 64, 64))
+    return regression_mlp(
+        x.numel(), y.numel(), hidden=(64, 64) if y.numel() == 1 and x.numel() > 1 else (64, 64, 64)
+    )
 
 
 def _subject_run(subject: str, seed: int, cfg: InciteConfig) -> list[dict]:
@@ -231,8 +265,14 @@ def _subject_run(subject: str, seed: int, cfg: InciteConfig) -> list[dict]:
     model = _build(spec.model, train_set)
     t0 = time.perf_counter()
     if spec.task == "classification":
-        train_classifier(model, train_set, epochs=cfg.classifier_epochs, seed=seed, device="cpu",
-                         progress=cfg.progress)
+        train_classifier(
+            model,
+            train_set,
+            epochs=cfg.classifier_epochs,
+            seed=seed,
+            device="cpu",
+            progress=cfg.progress,
+        )
     else:
         epochs = cfg.diabetes_epochs if subject == "diabetes" else cfg.regressor_epochs
         train_regressor(model, train_set, epochs=epochs, seed=seed)
@@ -245,10 +285,18 @@ def _subject_run(subject: str, seed: int, cfg: InciteConfig) -> list[dict]:
             continue  # per-category slicing needs class categories
         t0 = time.perf_counter()
         mods = neuslice.decompose(
-            model, loader, method=method, task=spec.task, fraction=cfg.fraction,
-            cluster_size=cfg.cluster_size, metric=cfg.semantic_metric,
-            threshold=cfg.semantic_threshold, head_epochs=cfg.head_epochs, seed=seed,
-            progress=cfg.progress)
+            model,
+            loader,
+            method=method,
+            task=spec.task,
+            fraction=cfg.fraction,
+            cluster_size=cfg.cluster_size,
+            metric=cfg.semantic_metric,
+            threshold=cfg.semantic_threshold,
+            head_epochs=cfg.head_epochs,
+            seed=seed,
+            progress=cfg.progress,
+        )
         decompose_s = time.perf_counter() - t0
         res = mods.evaluate(test, original=model)
         if spec.task == "classification":
@@ -257,13 +305,23 @@ def _subject_run(subject: str, seed: int, cfg: InciteConfig) -> list[dict]:
         else:
             orig, comb = res["original_mae"], res["mae"]
             change = 100.0 * (comb - orig) / orig  # % worse MAE
-        rows.append({
-            "subject": subject, "task": spec.task, "method": method, "seed": seed,
-            "original": orig, "combined": comb, "change": change,
-            "overlap": 100.0 * res["overlap"], "compression": res["compression"],
-            "modules": len(mods), "mutation_s": mods.info.get("mutation_time_s", float("nan")),
-            "decompose_s": decompose_s, "train_s": train_s,
-        })
+        rows.append(
+            {
+                "subject": subject,
+                "task": spec.task,
+                "method": method,
+                "seed": seed,
+                "original": orig,
+                "combined": comb,
+                "change": change,
+                "overlap": 100.0 * res["overlap"],
+                "compression": res["compression"],
+                "modules": len(mods),
+                "mutation_s": mods.info.get("mutation_time_s", float("nan")),
+                "decompose_s": decompose_s,
+                "train_s": train_s,
+            }
+        )
         logger.info("%s", rows[-1])
     return rows
 
@@ -297,21 +355,37 @@ def summarise(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["subject"], r["method"]) for r in rows))
     for subject, method in keys:
         rs = [r for r in rows if r["subject"] == subject and r["method"] == method]
-        agg = {k: _mean([r[k] for r in rs]) for k in ("original", "combined", "change",
-                                                       "overlap", "compression", "mutation_s",
-                                                       "decompose_s")}
-        agg.update(subject=subject, method=method, task=rs[0]["task"], seeds=len(rs),
-                   change_std=float(np.std([r["change"] for r in rs])),
-                   modules=rs[0]["modules"])
+        agg = {
+            k: _mean([r[k] for r in rs])
+            for k in (
+                "original",
+                "combined",
+                "change",
+                "overlap",
+                "compression",
+                "mutation_s",
+                "decompose_s",
+            )
+        }
+        agg.update(
+            subject=subject,
+            method=method,
+            task=rs[0]["task"],
+            seeds=len(rs),
+            change_std=float(np.std([r["change"] for r in rs])),
+            modules=rs[0]["modules"],
+        )
         out.append(agg)
     return out
 
 
 def format_table(rows: list[dict]) -> str:
     """Means over seeds per subject and method, the task averages, and the published ones."""
-    lines = [f"{'subject':15} {'method':9} {'seeds':>5} {'original':>9} {'combined':>9} "
-             f"{'change':>15} {'overlap %':>9} {'compr.':>7} {'mutation s':>10} "
-             f"{'decomp. s':>9}"]
+    lines = [
+        f"{'subject':15} {'method':9} {'seeds':>5} {'original':>9} {'combined':>9} "
+        f"{'change':>15} {'overlap %':>9} {'compr.':>7} {'mutation s':>10} "
+        f"{'decomp. s':>9}"
+    ]
     summary = summarise(rows)
     for s in summary:
         unit = "pp acc" if s["task"] == "classification" else "% MAE"
@@ -320,22 +394,29 @@ def format_table(rows: list[dict]) -> str:
             f"{s['subject']:15} {s['method']:9} {s['seeds']:>5} {s['original']:>9{fmt}} "
             f"{s['combined']:>9{fmt}} {s['change']:>+7.2f}±{s['change_std']:<4.2f}{unit:>3} "
             f"{s['overlap']:>9.2f} {s['compression']:>6.2f}x {s['mutation_s']:>10.2f} "
-            f"{s['decompose_s']:>9.2f}")
+            f"{s['decompose_s']:>9.2f}"
+        )
     lines.append("")
-    lines.append("averages over subjects (change: accuracy points for classifiers, % MAE for "
-                 "regressors; overlap of a single module is undefined and left out)")
+    lines.append(
+        "averages over subjects (change: accuracy points for classifiers, % MAE for "
+        "regressors; overlap of a single module is undefined and left out)"
+    )
     for task in ("classification", "regression"):
         for method in ("incite", "semantic"):
             ss = [s for s in summary if s["task"] == task and s["method"] == method]
             if ss:
-                lines.append(f"  ours {task:14} {method:9} change {_mean([s['change'] for s in ss]):+7.2f}"
-                             f"  overlap {_mean([s['overlap'] for s in ss]):6.2f} %"
-                             f"  compression {_mean([s['compression'] for s in ss]):5.2f}x"
-                             f"  ({len(ss)} subjects)")
+                lines.append(
+                    f"  ours {task:14} {method:9} change {_mean([s['change'] for s in ss]):+7.2f}"
+                    f"  overlap {_mean([s['overlap'] for s in ss]):6.2f} %"
+                    f"  compression {_mean([s['compression'] for s in ss]):5.2f}x"
+                    f"  ({len(ss)} subjects)"
+                )
         p = PUBLISHED[task]
-        lines.append(f"  published {task:9} incite    change {p['change']:+7.2f}  overlap "
-                     f"{p['overlap']:6.2f} %  compression {p['compression']:5.2f}x  (16 models, "
-                     f"other subjects)")
+        lines.append(
+            f"  published {task:9} incite    change {p['change']:+7.2f}  overlap "
+            f"{p['overlap']:6.2f} %  compression {p['compression']:5.2f}x  (16 models, "
+            f"other subjects)"
+        )
     return "\n".join(lines)
 
 
@@ -352,8 +433,11 @@ def plot(rows: list[dict], path: str) -> str:
     methods = list(dict.fromkeys(s["method"] for s in summary))
     colours = {"incite": "tab:blue", "semantic": "tab:orange"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    panels = [("change", "accuracy change (pp) | MAE change (%)"), ("overlap", "overlap (%)"),
-              ("compression", "compression ratio (x)")]
+    panels = [
+        ("change", "accuracy change (pp) | MAE change (%)"),
+        ("overlap", "overlap (%)"),
+        ("compression", "compression ratio (x)"),
+    ]
     width = 0.8 / max(1, len(methods))
     xs = np.arange(len(subjects))
     for ax, (key, title) in zip(axes, panels):
@@ -364,19 +448,34 @@ def plot(rows: list[dict], path: str) -> str:
                 rs = [v for v in rs if not math.isnan(v)]
                 vals.append(np.mean(rs) if rs else np.nan)
                 errs.append(np.std(rs) if rs else 0.0)
-            ax.bar(xs + (j - (len(methods) - 1) / 2) * width, vals, width, yerr=errs,
-                   label=method, color=colours.get(method), capsize=3)
+            ax.bar(
+                xs + (j - (len(methods) - 1) / 2) * width,
+                vals,
+                width,
+                yerr=errs,
+                label=method,
+                color=colours.get(method),
+                capsize=3,
+            )
         for task, style in (("classification", "--"), ("regression", ":")):
-            ax.axhline(PUBLISHED[task][key], color="black", linestyle=style, linewidth=1,
-                       label=f"published avg ({task[:5]}.)")
+            ax.axhline(
+                PUBLISHED[task][key],
+                color="black",
+                linestyle=style,
+                linewidth=1,
+                label=f"published avg ({task[:5]}.)",
+            )
         ax.set_xticks(xs)
         ax.set_xticklabels(subjects, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Incite vs semantic modules (mean ± std over seeds); published averages are "
-                 "over other subjects", fontsize=10)
+    fig.suptitle(
+        "Incite vs semantic modules (mean ± std over seeds); published averages are "
+        "over other subjects",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -401,10 +500,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
-    rows = run(InciteConfig(subjects=tuple(a.subjects), methods=tuple(a.methods),
-                            seeds=tuple(a.seeds), classifier_epochs=a.classifier_epochs,
-                            regressor_epochs=a.regressor_epochs, head_epochs=a.head_epochs,
-                            threads=a.threads))
+    rows = run(
+        InciteConfig(
+            subjects=tuple(a.subjects),
+            methods=tuple(a.methods),
+            seeds=tuple(a.seeds),
+            classifier_epochs=a.classifier_epochs,
+            regressor_epochs=a.regressor_epochs,
+            head_epochs=a.head_epochs,
+            threads=a.threads,
+        )
+    )
     wall = time.perf_counter() - t0
     print(format_table(rows))
     print(f"\nwall time {wall:.1f} s")

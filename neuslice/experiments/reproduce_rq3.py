@@ -42,11 +42,24 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .. import global_slice, profile, semantic_slice
-from .data import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, \
-    make_loader
+from .data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    make_loader,
+)
 from ..decomposition.deeparc import deeparc
 from ..maintenance.masked_optimizer import trainable_fraction
-from ..maintenance.readapt import ATTACKS, adversarial_dataset, evaluate_readaptation, make_attack, readapt
+from ..maintenance.readapt import (
+    ATTACKS,
+    adversarial_dataset,
+    evaluate_readaptation,
+    make_attack,
+    readapt,
+)
 from .plots import Panel, bar_panels, mean_std, seeds_note
 from .reproduce import SETTINGS, _check_common, _matched_categorywise, _ms, trained_model
 from ..slicing import Slice
@@ -54,36 +67,58 @@ from .train import evaluate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RQ3_SETTINGS", "RQ3_EPS", "METHODS", "RQ3Config", "RQ3Row", "run_rq3", "format_rq3",
-           "plot_rq3", "PAPER_RQ3"]
+__all__ = [
+    "RQ3_SETTINGS",
+    "RQ3_EPS",
+    "METHODS",
+    "RQ3Config",
+    "RQ3Row",
+    "run_rq3",
+    "format_rq3",
+    "plot_rq3",
+    "PAPER_RQ3",
+]
 
 # setting -> (model, dataset, normalisation mean, std); the model is trained as
 # neuslice.experiments.reproduce.SETTINGS says (epochs, batch size, learning rate), shared with RQ2.
-RQ3_SETTINGS = {"mlp-mnist": ("mlp", "mnist5k", MNIST_MEAN, MNIST_STD),
-                "mlp-digits": ("mlp", "digits", DIGITS_MEAN, DIGITS_STD),
-                "cnn-mnist": ("cnn", "mnist5k", MNIST_MEAN, MNIST_STD),
-                "vgg16-cifar10": ("vgg16", "cifar10", CIFAR10_MEAN, CIFAR10_STD),
-                "resnet18-cifar10": ("resnet18", "cifar10", CIFAR10_MEAN, CIFAR10_STD)}
+RQ3_SETTINGS = {
+    "mlp-mnist": ("mlp", "mnist5k", MNIST_MEAN, MNIST_STD),
+    "mlp-digits": ("mlp", "digits", DIGITS_MEAN, DIGITS_STD),
+    "cnn-mnist": ("cnn", "mnist5k", MNIST_MEAN, MNIST_STD),
+    "vgg16-cifar10": ("vgg16", "cifar10", CIFAR10_MEAN, CIFAR10_STD),
+    "resnet18-cifar10": ("resnet18", "cifar10", CIFAR10_MEAN, CIFAR10_STD),
+}
 # Attack budgets (pixel units) per setting, chosen so that the original model's accuracy drops
 # roughly as in the paper (FGSM to ~18.5%, PGD to ~3.8%): on mnist5k FGSM 0.1 gives ~25% and PGD
 # 0.15 (10 steps) a few %; the 8x8 digits need larger budgets. CIFAR-10: the common L-inf
 # budget 8/255 for both (PGD: 10 steps of eps/4 = 2/255), untuned (not run here).
-RQ3_EPS = {"mlp-mnist": {"fgsm": 0.1, "pgd": 0.15}, "mlp-digits": {"fgsm": 0.15, "pgd": 0.2},
-           "cnn-mnist": {"fgsm": 0.1, "pgd": 0.15},
-           "vgg16-cifar10": {"fgsm": 8 / 255, "pgd": 8 / 255},
-           "resnet18-cifar10": {"fgsm": 8 / 255, "pgd": 8 / 255}}
-METHODS = ("Full training", "DeepArc", "Global slicing", "Category-wise slicing", "NeuSemSlice",
-           "NeuSemSlice+DeepArc")
+RQ3_EPS = {
+    "mlp-mnist": {"fgsm": 0.1, "pgd": 0.15},
+    "mlp-digits": {"fgsm": 0.15, "pgd": 0.2},
+    "cnn-mnist": {"fgsm": 0.1, "pgd": 0.15},
+    "vgg16-cifar10": {"fgsm": 8 / 255, "pgd": 8 / 255},
+    "resnet18-cifar10": {"fgsm": 8 / 255, "pgd": 8 / 255},
+}
+METHODS = (
+    "Full training",
+    "DeepArc",
+    "Global slicing",
+    "Category-wise slicing",
+    "NeuSemSlice",
+    "NeuSemSlice+DeepArc",
+)
 
 # Table 6 of the paper, MLP-MNIST column: (TPR %, RA %, RAA %). The paper's RA is measured on
 # the adversarial samples used for re-adaptation; ours on held-out adversarial test samples.
 PAPER_RQ3: dict[tuple[str, str], tuple[float, float, float]] = {
-    ("Full training", "fgsm"): (100.00, 100.00, 14.20), ("DeepArc", "fgsm"): (75.01, 100.00, 13.40),
+    ("Full training", "fgsm"): (100.00, 100.00, 14.20),
+    ("DeepArc", "fgsm"): (75.01, 100.00, 13.40),
     ("Global slicing", "fgsm"): (33.98, 100.00, 13.60),
     ("Category-wise slicing", "fgsm"): (37.57, 100.00, 15.90),
     ("NeuSemSlice", "fgsm"): (26.74, 100.00, 18.10),
     ("NeuSemSlice+DeepArc", "fgsm"): (24.17, 100.00, 21.20),
-    ("Full training", "pgd"): (100.00, 100.00, 14.00), ("DeepArc", "pgd"): (75.01, 100.00, 12.00),
+    ("Full training", "pgd"): (100.00, 100.00, 14.00),
+    ("DeepArc", "pgd"): (75.01, 100.00, 12.00),
     ("Global slicing", "pgd"): (33.98, 100.00, 11.90),
     ("Category-wise slicing", "pgd"): (37.57, 100.00, 11.30),
     ("NeuSemSlice", "pgd"): (26.74, 100.00, 12.90),
@@ -101,8 +136,8 @@ class RQ3Config:
     metric: str = "taylor"
     threshold: float = 0.95
     attacks: tuple[str, ...] = ("fgsm", "pgd")
-    n_adv_train: int = 1000   # clipped to the training set's size
-    n_adv_test: int = 1000    # clipped to the test set's size
+    n_adv_train: int = 1000  # clipped to the training set's size
+    n_adv_test: int = 1000  # clipped to the test set's size
     fgsm_eps: float | None = None  # None: RQ3_EPS[setting]
     pgd_eps: float | None = None
     pgd_steps: int = 10
@@ -114,8 +149,9 @@ class RQ3Config:
     def __post_init__(self):
         _check_common(self, {k: SETTINGS[k] for k in RQ3_SETTINGS})
         if not self.attacks or any(a not in ATTACKS for a in self.attacks):
-            raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, "
-                             f"got {self.attacks!r}")
+            raise ValueError(
+                f"attacks must be a non-empty subset of {ATTACKS}, got {self.attacks!r}"
+            )
         for name in ("readapt_epochs", "n_adv_train", "n_adv_test", "pgd_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -147,10 +183,10 @@ def _restricted(sl: Slice, layers: list[str], strategy: str, fill: bool | None =
     masks = {}
     for name, m in sl.masks.items():
         inside = name in layers
-        masks[name] = (torch.ones_like(m) if fill else m.clone()) if inside \
-            else torch.zeros_like(m)
-    return dataclasses.replace(sl, masks=masks, strategy=strategy, category_masks=None,
-                               notes=list(sl.notes))
+        masks[name] = (torch.ones_like(m) if fill else m.clone()) if inside else torch.zeros_like(m)
+    return dataclasses.replace(
+        sl, masks=masks, strategy=strategy, category_masks=None, notes=list(sl.notes)
+    )
 
 
 def _subset(dataset: TensorDataset, n: int, seed: int) -> TensorDataset:
@@ -160,30 +196,38 @@ def _subset(dataset: TensorDataset, n: int, seed: int) -> TensorDataset:
     return TensorDataset(*(t[idx] for t in dataset.tensors))
 
 
-def run_rq3(config: RQ3Config = RQ3Config(), progress: bool = True) -> dict[tuple[str, str],
-                                                                              RQ3Row]:
+def run_rq3(
+    config: RQ3Config = RQ3Config(), progress: bool = True
+) -> dict[tuple[str, str], RQ3Row]:
     """Run the re-adaptation experiment; rows keyed ``(method, attack)``."""
     _, _, mean, std = RQ3_SETTINGS[config.setting]
     eps = dict(RQ3_EPS[config.setting])
-    eps.update({k: v for k, v in (("fgsm", config.fgsm_eps), ("pgd", config.pgd_eps))
-                if v is not None})
+    eps.update(
+        {k: v for k, v in (("fgsm", config.fgsm_eps), ("pgd", config.pgd_eps)) if v is not None}
+    )
     rows = {(m, a): RQ3Row(m, a) for a in config.attacks for m in METHODS}
     for seed in config.seeds:
         t0 = time.perf_counter()
-        model, train_set, test_set = trained_model(config.setting, seed, config.epochs,
-                                                   config.device, config.data_root)
+        model, train_set, test_set = trained_model(
+            config.setting, seed, config.epochs, config.device, config.data_root
+        )
         num_classes = int(train_set.tensors[1].max()) + 1
         loader = make_loader(train_set, batch_size=256)
-        prof = profile(model, loader, num_classes, metrics=(config.metric,), progress=False,
-                       hsic_route=config.hsic_route)
+        prof = profile(
+            model,
+            loader,
+            num_classes,
+            metrics=(config.metric,),
+            progress=False,
+            hsic_route=config.hsic_route,
+        )
         sem = semantic_slice(prof, config.metric, config.threshold)
         size = sum(sem.kept().values())
         critical = deeparc(model, loader, threshold=config.deeparc_threshold).critical_layers
         slices: dict[str, Slice | None] = {
             "Full training": None,
             "DeepArc": _restricted(sem, critical, "deeparc", fill=True),
-            "Global slicing": global_slice(prof, config.metric,
-                                           size / sum(sem.sizes().values())),
+            "Global slicing": global_slice(prof, config.metric, size / sum(sem.sizes().values())),
             "Category-wise slicing": _matched_categorywise(prof, config.metric, size),
             "NeuSemSlice": sem,
             "NeuSemSlice+DeepArc": _restricted(sem, critical, "semantic+deeparc"),
@@ -191,17 +235,28 @@ def run_rq3(config: RQ3Config = RQ3Config(), progress: bool = True) -> dict[tupl
         clean_train = _subset(train_set, config.n_adv_train, seed)
         clean_test = _subset(test_set, config.n_adv_test, seed + 1)
         for kind in config.attacks:
+
             def attack_of(m, s=seed + 1):
-                return make_attack(m, kind, eps=eps[kind], steps=config.pgd_steps, mean=mean,
-                                   std=std, seed=s)
+                return make_attack(
+                    m, kind, eps=eps[kind], steps=config.pgd_steps, mean=mean, std=std, seed=s
+                )
+
             adv_train = adversarial_dataset(model, clean_train, attack_of(model, seed))
             adv_test = adversarial_dataset(model, clean_test, attack_of(model, seed + 2))
             base = evaluate(model, adv_test)
             for method, sl in slices.items():
-                adapted = readapt(model, sl, clean_train, adv_train, epochs=config.readapt_epochs,
-                                  lr=config.lr, seed=seed)
-                res = evaluate_readaptation(model, adapted, sl, clean_test, adv_test, attack_of,
-                                            method=method)
+                adapted = readapt(
+                    model,
+                    sl,
+                    clean_train,
+                    adv_train,
+                    epochs=config.readapt_epochs,
+                    lr=config.lr,
+                    seed=seed,
+                )
+                res = evaluate_readaptation(
+                    model, adapted, sl, clean_test, adv_test, attack_of, method=method
+                )
                 row = rows[(method, kind)]
                 row.tpr.append(1.0 if sl is None else trainable_fraction(model, sl))
                 row.ra.append(res.ra)
@@ -210,9 +265,15 @@ def run_rq3(config: RQ3Config = RQ3Config(), progress: bool = True) -> dict[tupl
                 row.original_adv.append(base)
                 row.deeparc_critical.append(list(critical))
         if progress:
-            logger.warning("rq3 %s seed %d done in %.0fs (semantic slice keeps %d neurons; "
-                           "DeepArc critical layers %s)", config.setting, seed,
-                           time.perf_counter() - t0, size, critical)
+            logger.warning(
+                "rq3 %s seed %d done in %.0fs (semantic slice keeps %d neurons; "
+                "DeepArc critical layers %s)",
+                config.setting,
+                seed,
+                time.perf_counter() - t0,
+                size,
+                critical,
+            )
     return rows
 
 
@@ -220,27 +281,36 @@ def format_rq3(rows: dict[tuple[str, str], RQ3Row], setting: str) -> str:
     """Table of TPR, RA, RAA (and clean accuracy), in %, mean±std over seeds."""
     first = next(iter(rows.values()))
     paper = PAPER_RQ3 if setting == "mlp-mnist" else {}
-    head = (f"{'method':<24}{'attack':<7}{'TPR %':>14}{'RA %':>14}{'RAA %':>14}"
-            f"{'clean %':>14}" + ("   | paper: TPR %   RA %  RAA %" if paper else ""))
-    lines = [f"RQ3 re-adaptation, {setting}: mean±std over {len(first.tpr)} seeds", head,
-             "-" * len(head)]
+    head = f"{'method':<24}{'attack':<7}{'TPR %':>14}{'RA %':>14}{'RAA %':>14}{'clean %':>14}" + (
+        "   | paper: TPR %   RA %  RAA %" if paper else ""
+    )
+    lines = [
+        f"RQ3 re-adaptation, {setting}: mean±std over {len(first.tpr)} seeds",
+        head,
+        "-" * len(head),
+    ]
     attacks = list(dict.fromkeys(a for _, a in rows))
     for attack in attacks:
         for (method, a), r in rows.items():
             if a == attack:
-                line = (f"{method:<24}{attack:<7}{_ms(r.tpr, 100):>14}{_ms(r.ra, 100):>14}"
-                        f"{_ms(r.raa, 100):>14}{_ms(r.clean, 100):>14}")
+                line = (
+                    f"{method:<24}{attack:<7}{_ms(r.tpr, 100):>14}{_ms(r.ra, 100):>14}"
+                    f"{_ms(r.raa, 100):>14}{_ms(r.clean, 100):>14}"
+                )
                 if (method, attack) in paper:
                     line += "   |        {:>6.2f} {:>6.2f} {:>6.2f}".format(*paper[method, attack])
                 lines.append(line)
         orig = next(r for (_, a), r in rows.items() if a == attack).original_adv
         lines.append(f"  original model on the {attack} test set: {_ms(orig, 100)} %")
     crit = {tuple(c) for r in rows.values() for c in r.deeparc_critical}
-    lines.append("DeepArc critical layers (per seed): "
-                 + "; ".join(", ".join(c) for c in sorted(crit)))
+    lines.append(
+        "DeepArc critical layers (per seed): " + "; ".join(", ".join(c) for c in sorted(crit))
+    )
     if paper:
-        lines.append("paper: its RA is on the adversarial samples used for re-adaptation; ours is "
-                     "on held-out adversarial test samples.")
+        lines.append(
+            "paper: its RA is on the adversarial samples used for re-adaptation; ours is "
+            "on held-out adversarial test samples."
+        )
     return "\n".join(lines)
 
 
@@ -252,12 +322,15 @@ def plot_rq3(rows: dict[tuple[str, str], RQ3Row], setting: str, path) -> str:
     panels = []
     for attack in attacks:
         methods = [m for (m, a) in rows if a == attack]
-        panel = Panel(f"{attack.upper()}", "accuracy %", methods, ylim=(0, 102),
-                      hline=mean_std(next(rows[m, attack] for m in methods).original_adv,
-                                     100)[0],
-                      hline_label="original model on the adversarial test set")
-        for attr, name in (("ra", "RA (adversarial test set)"),
-                           ("raa", "RAA (re-attacked)")):
+        panel = Panel(
+            f"{attack.upper()}",
+            "accuracy %",
+            methods,
+            ylim=(0, 102),
+            hline=mean_std(next(rows[m, attack] for m in methods).original_adv, 100)[0],
+            hline_label="original model on the adversarial test set",
+        )
+        for attr, name in (("ra", "RA (adversarial test set)"), ("raa", "RAA (re-attacked)")):
             stats = [mean_std(getattr(rows[m, attack], attr), 100) for m in methods]
             panel.series[name] = ([m for m, _ in stats], [s for _, s in stats])
         panels.append(panel)

@@ -43,8 +43,13 @@ from torch.utils.data import Dataset
 
 from .data import make_loader
 from ..decomposition.deeparc import deeparc, freeze_except
-from ..maintenance.incremental import (incremental_run, learn_task, split_tasks, task_accuracy,
-                          task_accuracy_any)
+from ..maintenance.incremental import (
+    incremental_run,
+    learn_task,
+    split_tasks,
+    task_accuracy,
+    task_accuracy_any,
+)
 from .models import MLP, SmallCNN
 from ..maintenance.masked_optimizer import head_name
 from ..profiling.profile import profile
@@ -54,8 +59,18 @@ from ..slicing import Slice, global_slice, semantic_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RQ4_SETTINGS", "RQ4Setting", "SCENARIOS", "RQ4_METHODS", "RQ4Config", "run_rq4",
-           "format_rq4", "plot_rq4", "PAPER_RQ4"]
+__all__ = [
+    "RQ4_SETTINGS",
+    "RQ4Setting",
+    "SCENARIOS",
+    "RQ4_METHODS",
+    "RQ4Config",
+    "run_rq4",
+    "format_rq4",
+    "plot_rq4",
+    "PAPER_RQ4",
+]
+
 
 class RQ4Setting(NamedTuple):
     """Model kind ("mlp" = MLP(hidden), "cnn" = SmallCNN(width), "vgg16" = zoo.cifar_vgg16,
@@ -68,39 +83,58 @@ class RQ4Setting(NamedTuple):
     batch_size: int = 64
 
 
-RQ4_SETTINGS = {"mlp-mnist": RQ4Setting("mlp", "mnist5k"),
-                "mlp-digits": RQ4Setting("mlp", "digits"),
-                "cnn-mnist": RQ4Setting("cnn", "mnist5k"),
-                # CIFAR-10 files on disk, meant for a GPU
-                "vgg16-cifar10": RQ4Setting("vgg16", "cifar10", epochs=10, batch_size=128),
-                "resnet18-cifar10": RQ4Setting("resnet18", "cifar10", epochs=10,
-                                               batch_size=128)}
+RQ4_SETTINGS = {
+    "mlp-mnist": RQ4Setting("mlp", "mnist5k"),
+    "mlp-digits": RQ4Setting("mlp", "digits"),
+    "cnn-mnist": RQ4Setting("cnn", "mnist5k"),
+    # CIFAR-10 files on disk, meant for a GPU
+    "vgg16-cifar10": RQ4Setting("vgg16", "cifar10", epochs=10, batch_size=128),
+    "resnet18-cifar10": RQ4Setting("resnet18", "cifar10", epochs=10, batch_size=128),
+}
 _MODEL_NAMES = {"mlp": "MLP", "cnn": "SmallCNN", "vgg16": "VGG16", "resnet18": "ResNet"}
-SCENARIOS = {"ab": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
-             "abc": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}
+SCENARIOS = {"ab": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "abc": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]}
 #: (method key, label in the table), in the paper's row order.
 # The paper's "Retrain" is sequential training on the new task alone (it forgets task A: 0 %),
 # i.e. our "finetune"; training on all tasks' data at once is shown as the upper bound.
-RQ4_METHODS = (("original", "Original"), ("finetune", "Retrain"), ("replay5", "Replay 5%"),
-               ("replay10", "Replay 10%"), ("replay100", "Replay 100%"),
-               ("deeparc", "DeepArc"), ("global", "Global slicing"),
-               ("categorywise", "Category-wise slicing"), ("neusemslice", "NeuSemSlice"),
-               ("neusemslice+replay10", "NeuSemSlice+Replay 10%"),
-               ("retrain", "Joint (all data)"))
+RQ4_METHODS = (
+    ("original", "Original"),
+    ("finetune", "Retrain"),
+    ("replay5", "Replay 5%"),
+    ("replay10", "Replay 10%"),
+    ("replay100", "Replay 100%"),
+    ("deeparc", "DeepArc"),
+    ("global", "Global slicing"),
+    ("categorywise", "Category-wise slicing"),
+    ("neusemslice", "NeuSemSlice"),
+    ("neusemslice+replay10", "NeuSemSlice+Replay 10%"),
+    ("retrain", "Joint (all data)"),
+)
 
 # Table 7 of the paper (MLP-MNIST): per-task accuracy and their average, in %. The paper gives
 # no DeepArc numbers for MLPs and no Original/Replay 100%/DeepArc rows for three tasks.
-PAPER_RQ4: dict[str, Any] = {"mlp-mnist": {
-    "ab": {"Original": (98.92, 0.00, 49.46), "Retrain": (0.00, 98.50, 49.25),
-           "Replay 5%": (87.54, 98.32, 92.93), "Replay 10%": (91.86, 98.13, 95.00),
-           "Replay 100%": (97.20, 97.48, 97.34), "Global slicing": (93.58, 97.75, 95.66),
-           "Category-wise slicing": (96.85, 97.44, 97.14), "NeuSemSlice": (98.89, 97.20, 98.04),
-           "NeuSemSlice+Replay 10%": (98.94, 97.17, 98.05)},
-    "abc": {"Retrain": (0.00, 0.14, 98.11, 32.75), "Replay 5%": (91.93, 85.89, 97.96, 91.93),
+PAPER_RQ4: dict[str, Any] = {
+    "mlp-mnist": {
+        "ab": {
+            "Original": (98.92, 0.00, 49.46),
+            "Retrain": (0.00, 98.50, 49.25),
+            "Replay 5%": (87.54, 98.32, 92.93),
+            "Replay 10%": (91.86, 98.13, 95.00),
+            "Replay 100%": (97.20, 97.48, 97.34),
+            "Global slicing": (93.58, 97.75, 95.66),
+            "Category-wise slicing": (96.85, 97.44, 97.14),
+            "NeuSemSlice": (98.89, 97.20, 98.04),
+            "NeuSemSlice+Replay 10%": (98.94, 97.17, 98.05),
+        },
+        "abc": {
+            "Retrain": (0.00, 0.14, 98.11, 32.75),
+            "Replay 5%": (91.93, 85.89, 97.96, 91.93),
             "Replay 10%": (94.85, 90.71, 97.88, 94.48),
             "Global slicing": (94.22, 97.54, 97.88, 96.55),
             "Category-wise slicing": (93.55, 98.79, 97.98, 96.77),
-            "NeuSemSlice": (98.95, 97.43, 97.93, 98.11)}}}
+            "NeuSemSlice": (98.95, 97.43, 97.93, 98.11),
+        },
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -134,13 +168,21 @@ class RQ4Config:
         return ["ab", "abc"] if self.scenario == "both" else [self.scenario]
 
 
-def _slicer(kind: str, metric: str, threshold: float,
-            hsic_route: str = "auto") -> Callable[..., Slice]:
+def _slicer(
+    kind: str, metric: str, threshold: float, hsic_route: str = "auto"
+) -> Callable[..., Slice]:
     """Profile the model on a task's data; slice it semantically (CKA ``threshold``), or with
     a global / category-wise slice of the same total size."""
+
     def slicer(model: nn.Module, dataset: Dataset, classes: Sequence[int]) -> Slice:
-        prof = profile(model, make_loader(dataset, batch_size=256), num_classes=10,
-                       metrics=(metric,), progress=False, hsic_route=hsic_route)
+        prof = profile(
+            model,
+            make_loader(dataset, batch_size=256),
+            num_classes=10,
+            metrics=(metric,),
+            progress=False,
+            hsic_route=hsic_route,
+        )
         sem = semantic_slice(prof, metric, threshold)
         if kind == "semantic":
             return sem
@@ -148,35 +190,43 @@ def _slicer(kind: str, metric: str, threshold: float,
         if kind == "global":
             return global_slice(prof, metric, size / sum(sem.sizes().values()))
         return _matched_categorywise(prof, metric, size)
+
     return slicer
 
 
-def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
-                 seed: int) -> list[dict[str, Any]]:
+def _deeparc_run(
+    factory, train_sets, test_sets, groups, config: RQ4Config, seed: int
+) -> list[dict[str, Any]]:
     """DeepArc baseline: learn task A normally; for later tasks train only the layers DeepArc
     (run on task A's data) marks redundant (with their BatchNorm) plus the head rows of the new
     classes; the running statistics of the frozen layers' BatchNorms are kept as well."""
     model = factory()
-    kw = dict(epochs=config.epochs, lr=config.lr,
-              batch_size=RQ4_SETTINGS[config.setting].batch_size)
+    kw = dict(
+        epochs=config.epochs, lr=config.lr, batch_size=RQ4_SETTINGS[config.setting].batch_size
+    )
     learn_task(model, train_sets[0], groups[0], seed=seed, **kw)
-    mods = deeparc(model, make_loader(train_sets[0], batch_size=256),
-                   threshold=config.deeparc_threshold)
+    mods = deeparc(
+        model, make_loader(train_sets[0], batch_size=256), threshold=config.deeparc_threshold
+    )
     at_learning = {0: task_accuracy(model, test_sets[0], groups[0])}
     head = model.get_submodule(head_name(model))
     for t in range(1, len(groups)):
         freeze_except(model, mods.redundant)
         # Frozen layers' BatchNorm statistics would still drift in train mode: keep them.
-        frozen_stats = {id(m): {k: b.clone() for k, b in m.named_buffers(recurse=False)}
-                        for m in model.modules()
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                        and not any(p.requires_grad for p in m.parameters())}
+        frozen_stats = {
+            id(m): {k: b.clone() for k, b in m.named_buffers(recurse=False)}
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters())
+        }
         new_rows = torch.zeros(head.out_features, dtype=torch.bool)
         new_rows[list(groups[t])] = True
         head.weight.requires_grad_(True)
         head.bias.requires_grad_(True)
-        hooks = [head.weight.register_hook(lambda g: g * new_rows[:, None].to(g)),
-                 head.bias.register_hook(lambda g: g * new_rows.to(g))]
+        hooks = [
+            head.weight.register_hook(lambda g: g * new_rows[:, None].to(g)),
+            head.bias.register_hook(lambda g: g * new_rows.to(g)),
+        ]
         try:  # frozen parameters get no grad; Adam skips them (fresh optimiser per task)
             learn_task(model, train_sets[t], groups[t], seed=seed + t, **kw)
         finally:
@@ -195,16 +245,35 @@ def _deeparc_run(factory, train_sets, test_sets, groups, config: RQ4Config,
         aware = task_accuracy(model, te, g)
         agn = task_accuracy_any(model, te, seen)
         n = len(te)
-        rows.append({"method": "deeparc", "task": t, "classes": list(g), "n_test": n,
-                     "task_aware": aware, "task_agnostic": agn, "masked": False,
-                     "learned": True, "task_aware_at_learning": at_learning[t],
-                     "forgetting": at_learning[t] - aware})
+        rows.append(
+            {
+                "method": "deeparc",
+                "task": t,
+                "classes": list(g),
+                "n_test": n,
+                "task_aware": aware,
+                "task_agnostic": agn,
+                "masked": False,
+                "learned": True,
+                "task_aware_at_learning": at_learning[t],
+                "forgetting": at_learning[t] - aware,
+            }
+        )
         n_total += n
         aware_total += aware * n
         agn_total += agn * n
-    rows.append({"method": "deeparc", "task": "overall", "classes": seen, "n_test": n_total,
-                 "task_aware": aware_total / n_total, "task_agnostic": agn_total / n_total,
-                 "memory_bytes": 0, "redundant_layers": list(mods.redundant)})
+    rows.append(
+        {
+            "method": "deeparc",
+            "task": "overall",
+            "classes": seen,
+            "n_test": n_total,
+            "task_aware": aware_total / n_total,
+            "task_agnostic": agn_total / n_total,
+            "memory_bytes": 0,
+            "redundant_layers": list(mods.redundant),
+        }
+    )
     return rows
 
 
@@ -245,22 +314,32 @@ def run_rq4(config: RQ4Config = RQ4Config(), progress: bool = True) -> list[dict
                     rows = _deeparc_run(factory, tr, te, groups, config, seed)
                 else:
                     kind = {"global": "global", "categorywise": "categorywise"}.get(
-                        method, "semantic")
-                    run_method = "neusemslice" if method in ("global", "categorywise") \
-                        else method
-                    rows = incremental_run(factory, tr, te, groups, run_method,
-                                           slicer=_slicer(kind, config.metric, config.threshold,
-                                                          config.hsic_route),
-                                           epochs=config.epochs, lr=config.lr, seed=seed,
-                                           batch_size=spec.batch_size, device=device,
-                                           task_batchnorm=config.task_batchnorm)
+                        method, "semantic"
+                    )
+                    run_method = "neusemslice" if method in ("global", "categorywise") else method
+                    rows = incremental_run(
+                        factory,
+                        tr,
+                        te,
+                        groups,
+                        run_method,
+                        slicer=_slicer(kind, config.metric, config.threshold, config.hsic_route),
+                        epochs=config.epochs,
+                        lr=config.lr,
+                        seed=seed,
+                        batch_size=spec.batch_size,
+                        device=device,
+                        task_batchnorm=config.task_batchnorm,
+                    )
                 for r in rows:
-                    r.update(method=method, label=label, scenario=scenario, seed=seed,
-                             model=model_name)
+                    r.update(
+                        method=method, label=label, scenario=scenario, seed=seed, model=model_name
+                    )
                 out.extend(rows)
         if progress:
-            logger.warning("rq4 %s seed %d done in %.0fs", config.setting, seed,
-                           time.perf_counter() - t0)
+            logger.warning(
+                "rq4 %s seed %d done in %.0fs", config.setting, seed, time.perf_counter() - t0
+            )
     return out
 
 
@@ -274,12 +353,19 @@ def format_rq4(rows: list[dict[str, Any]], setting: str) -> str:
         n_tasks = len(SCENARIOS[scenario])
         names = "ABC"[:n_tasks]
         seeds = sorted({r["seed"] for r in rs})
-        head = (f"{'method':<24}" + "".join(f"{'aware ' + n + ' %':>14}" for n in names)
-                + f"{'aware all %':>14}{'agnostic %':>14}{'memory B':>12}"
-                + (f"   | paper: {' '.join(names)} avg" if paper.get(scenario) else ""))
-        lines = [f"RQ4 incremental development, {setting}, scenario "
-                 f"{'→'.join(names)} ({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} "
-                 f"classes): mean±std over {len(seeds)} seeds", head, "-" * len(head)]
+        head = (
+            f"{'method':<24}"
+            + "".join(f"{'aware ' + n + ' %':>14}" for n in names)
+            + f"{'aware all %':>14}{'agnostic %':>14}{'memory B':>12}"
+            + (f"   | paper: {' '.join(names)} avg" if paper.get(scenario) else "")
+        )
+        lines = [
+            f"RQ4 incremental development, {setting}, scenario "
+            f"{'→'.join(names)} ({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} "
+            f"classes): mean±std over {len(seeds)} seeds",
+            head,
+            "-" * len(head),
+        ]
         for method, label in RQ4_METHODS:
             mr = [r for r in rs if r["method"] == method]
             if not mr:
@@ -288,18 +374,25 @@ def format_rq4(rows: list[dict[str, Any]], setting: str) -> str:
             for t in range(n_tasks):
                 line += f"{_ms([r['task_aware'] for r in mr if r['task'] == t], 100):>14}"
             overall = [r for r in mr if r["task"] == "overall"]
-            line += (f"{_ms([r['task_aware'] for r in overall], 100):>14}"
-                     f"{_ms([r['task_agnostic'] for r in overall], 100):>14}"
-                     f"{statistics.fmean(r['memory_bytes'] for r in overall):>12.0f}")
+            line += (
+                f"{_ms([r['task_aware'] for r in overall], 100):>14}"
+                f"{_ms([r['task_agnostic'] for r in overall], 100):>14}"
+                f"{statistics.fmean(r['memory_bytes'] for r in overall):>12.0f}"
+            )
             if label in paper.get(scenario, {}):
                 line += "   | " + " ".join(f"{v:.2f}" for v in paper[scenario][label])
             lines.append(line)
-        red = {tuple(r.get("redundant_layers", ())) for r in rs
-               if r["method"] == "deeparc" and r["task"] == "overall"}
+        red = {
+            tuple(r.get("redundant_layers", ()))
+            for r in rs
+            if r["method"] == "deeparc" and r["task"] == "overall"
+        }
         if red:
             desc = "; ".join(", ".join(x) if x else "none" for x in sorted(red))
-            lines.append(f"DeepArc redundant layers (trained for later tasks besides the new "
-                         f"head rows): {desc}")
+            lines.append(
+                f"DeepArc redundant layers (trained for later tasks besides the new "
+                f"head rows): {desc}"
+            )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -311,23 +404,40 @@ def plot_rq4(rows: list[dict[str, Any]], setting: str, path) -> str:
     panels = []
     for scenario in [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]:
         rs = [r for r in rows if r["scenario"] == scenario]
-        names = "ABC"[:len(SCENARIOS[scenario])]
+        names = "ABC"[: len(SCENARIOS[scenario])]
         methods = [(m, label) for m, label in RQ4_METHODS if any(r["method"] == m for r in rs)]
-        panel = Panel(f"scenario {'→'.join(names)} "
-                      f"({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} classes)",
-                      "accuracy %", [label for _, label in methods], ylim=(0, 102))
+        panel = Panel(
+            f"scenario {'→'.join(names)} "
+            f"({'+'.join(str(len(g)) for g in SCENARIOS[scenario])} classes)",
+            "accuracy %",
+            [label for _, label in methods],
+            ylim=(0, 102),
+        )
         for t, n in enumerate(names):
-            stats = [mean_std([r["task_aware"] for r in rs if r["method"] == m
-                               and r["task"] == t], 100) for m, _ in methods]
-            panel.series[f"task {n} (task-aware)"] = ([a for a, _ in stats],
-                                                      [b for _, b in stats])
-        stats = [mean_std([r["task_agnostic"] for r in rs if r["method"] == m
-                           and r["task"] == "overall"], 100) for m, _ in methods]
+            stats = [
+                mean_std([r["task_aware"] for r in rs if r["method"] == m and r["task"] == t], 100)
+                for m, _ in methods
+            ]
+            panel.series[f"task {n} (task-aware)"] = ([a for a, _ in stats], [b for _, b in stats])
+        stats = [
+            mean_std(
+                [r["task_agnostic"] for r in rs if r["method"] == m and r["task"] == "overall"], 100
+            )
+            for m, _ in methods
+        ]
         panel.series["all tasks, task-agnostic"] = ([a for a, _ in stats], [b for _, b in stats])
         panels.append(panel)
     n = len({r["seed"] for r in rows})
-    return bar_panels(panels, path, title=f"RQ4 incremental development, {setting} "
-                                          f"({seeds_note(n)})", columns=1, panel_width=11.0,
-                      colors={"task A (task-aware)": "tab:grey", "task B (task-aware)": "tab:blue",
-                              "task C (task-aware)": "tab:orange",
-                              "all tasks, task-agnostic": "tab:red"})
+    return bar_panels(
+        panels,
+        path,
+        title=f"RQ4 incremental development, {setting} ({seeds_note(n)})",
+        columns=1,
+        panel_width=11.0,
+        colors={
+            "task A (task-aware)": "tab:grey",
+            "task B (task-aware)": "tab:blue",
+            "task C (task-aware)": "tab:orange",
+            "all tasks, task-agnostic": "tab:red",
+        },
+    )

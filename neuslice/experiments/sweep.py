@@ -25,8 +25,17 @@ from ..slicing import Slice, categorywise_slice, global_slice, random_slice, sem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SweepConfig", "SweepRow", "masking_sweep", "area_under_curves", "format_table",
-           "format_auc_table", "plot_sweep", "write_csv", "accuracy"]
+__all__ = [
+    "SweepConfig",
+    "SweepRow",
+    "masking_sweep",
+    "area_under_curves",
+    "format_table",
+    "format_auc_table",
+    "plot_sweep",
+    "write_csv",
+    "accuracy",
+]
 
 STRATEGIES = ("global", "categorywise", "semantic")
 
@@ -68,15 +77,22 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> float:
+def accuracy(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
     """Top-1 accuracy of ``model`` on ``(inputs, labels)`` in eval mode (modes restored)."""
     return evaluate(model, torch.utils.data.TensorDataset(inputs, labels), batch_size=batch_size)
 
 
-def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepConfig = SweepConfig(),
-                  progress: bool = True, recalibrate_with=None,
-                  recalibrate_batches: int | None = 4) -> tuple[float, list[SweepRow]]:
+def masking_sweep(
+    model: nn.Module,
+    profile: Profile,
+    test_data,
+    config: SweepConfig = SweepConfig(),
+    progress: bool = True,
+    recalibrate_with=None,
+    recalibrate_batches: int | None = 4,
+) -> tuple[float, list[SweepRow]]:
     """Evaluate every (strategy, metric, setting); returns (unmasked accuracy, rows).
 
     ``recalibrate_with`` (a loader of training batches): evaluate every slice, and its random
@@ -93,8 +109,11 @@ def masking_sweep(model: nn.Module, profile: Profile, test_data, config: SweepCo
             jobs.append(("categorywise", metric, r))
         for t in config.thresholds:
             jobs.append(("semantic", metric, t))
-    makers = {"global": global_slice, "categorywise": categorywise_slice,
-              "semantic": semantic_slice}
+    makers = {
+        "global": global_slice,
+        "categorywise": categorywise_slice,
+        "semantic": semantic_slice,
+    }
     rows = []
     for strategy, metric, setting in progress_bar(jobs, progress, "masking sweep", "slice"):
         sl = makers[strategy](profile, metric, setting)
@@ -111,15 +130,23 @@ def _masked_accuracy(model, sl: Slice, x, y, batch_size: int, recal) -> float:
         return accuracy(model, x, y, batch_size)
 
 
-def _evaluate_slice(model, sl: Slice, x, y, strategy, metric, setting, config, recal=None
-                    ) -> SweepRow:
+def _evaluate_slice(
+    model, sl: Slice, x, y, strategy, metric, setting, config, recal=None
+) -> SweepRow:
     acc = _masked_accuracy(model, sl, x, y, config.batch_size, recal)
-    rand = [_masked_accuracy(model, random_slice(sl, seed=seed), x, y, config.batch_size, recal)
-            for seed in range(config.random_repeats)]
-    return SweepRow(strategy=strategy, metric=metric, setting=setting,
-                    compression_rate=sl.compression_rate(model), accuracy=acc,
-                    random_accuracy=float(np.mean(rand)) if rand else float("nan"),
-                    kept=sl.kept())
+    rand = [
+        _masked_accuracy(model, random_slice(sl, seed=seed), x, y, config.batch_size, recal)
+        for seed in range(config.random_repeats)
+    ]
+    return SweepRow(
+        strategy=strategy,
+        metric=metric,
+        setting=setting,
+        compression_rate=sl.compression_rate(model),
+        accuracy=acc,
+        random_accuracy=float(np.mean(rand)) if rand else float("nan"),
+        kept=sl.kept(),
+    )
 
 
 def _curve(points: list[tuple[float, float]], grid: np.ndarray) -> np.ndarray:
@@ -150,10 +177,12 @@ def area_under_curves(base_accuracy: float, rows: list[SweepRow]) -> dict[str, d
             continue
         grid = np.linspace(0.0, reach, 201)
         for s in strategies:
-            pts = [(0.0, base_accuracy)] + [(r.compression_rate, r.accuracy)
-                                            for r in mine if r.strategy == s]
-            rnd = [(0.0, base_accuracy)] + [(r.compression_rate, r.random_accuracy)
-                                            for r in mine if r.strategy == s]
+            pts = [(0.0, base_accuracy)] + [
+                (r.compression_rate, r.accuracy) for r in mine if r.strategy == s
+            ]
+            rnd = [(0.0, base_accuracy)] + [
+                (r.compression_rate, r.random_accuracy) for r in mine if r.strategy == s
+            ]
             res[s] = float(np.trapezoid(_curve(pts, grid), grid) / reach)
             res["random:" + s] = float(np.trapezoid(_curve(rnd, grid), grid) / reach)
         out[metric] = res
@@ -164,45 +193,72 @@ def format_table(base_accuracy: float, rows: list[SweepRow]) -> str:
     head = f"{'strategy':<13}{'metric':<10}{'setting':>8}{'CR':>9}{'accuracy':>10}{'random':>9}"
     lines = [f"unmasked accuracy: {base_accuracy:.4f}", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.strategy:<13}{r.metric:<10}{r.setting:>8.2f}"
-                     f"{100 * r.compression_rate:>8.2f}%{r.accuracy:>10.4f}"
-                     f"{r.random_accuracy:>9.4f}")
+        lines.append(
+            f"{r.strategy:<13}{r.metric:<10}{r.setting:>8.2f}"
+            f"{100 * r.compression_rate:>8.2f}%{r.accuracy:>10.4f}"
+            f"{r.random_accuracy:>9.4f}"
+        )
     return "\n".join(lines)
 
 
 def format_auc_table(auc: dict[str, dict[str, float]]) -> str:
-    head = (f"{'metric':<10}{'CR range':>9}" + "".join(f"{s:>14}" for s in STRATEGIES)
-            + f"{'random(sem)':>13}")
+    head = (
+        f"{'metric':<10}{'CR range':>9}"
+        + "".join(f"{s:>14}" for s in STRATEGIES)
+        + f"{'random(sem)':>13}"
+    )
     lines = [head, "-" * len(head)]
     for metric, res in auc.items():
         vals = "".join(f"{res.get(s, float('nan')):>14.4f}" for s in STRATEGIES)
-        lines.append(f"{metric:<10}{100 * res['range']:>8.1f}%{vals}"
-                     f"{res.get('random:semantic', float('nan')):>13.4f}")
+        lines.append(
+            f"{metric:<10}{100 * res['range']:>8.1f}%{vals}"
+            f"{res.get('random:semantic', float('nan')):>13.4f}"
+        )
     return "\n".join(lines)
 
 
 def write_csv(rows: list[SweepRow], path: str | os.PathLike) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "metric", "setting", "compression_rate", "accuracy",
-                    "random_accuracy", "kept"])
+        w.writerow(
+            [
+                "strategy",
+                "metric",
+                "setting",
+                "compression_rate",
+                "accuracy",
+                "random_accuracy",
+                "kept",
+            ]
+        )
         for r in rows:
             d = asdict(r)
-            w.writerow([d["strategy"], d["metric"], d["setting"], d["compression_rate"],
-                        d["accuracy"], d["random_accuracy"],
-                        " ".join(f"{k}={v}" for k, v in r.kept.items())])
+            w.writerow(
+                [
+                    d["strategy"],
+                    d["metric"],
+                    d["setting"],
+                    d["compression_rate"],
+                    d["accuracy"],
+                    d["random_accuracy"],
+                    " ".join(f"{k}={v}" for k, v in r.kept.items()),
+                ]
+            )
 
 
 # strategy -> (label, colour, marker, line style); random floors reuse colour and marker, dotted
-_STYLE = {"global": ("global", "tab:blue", "o", "-"),
-          "categorywise": ("category-wise", "tab:orange", "s", "--"),
-          "semantic": ("semantic (NeuSemSlice)", "tab:red", "^", "-")}
+_STYLE = {
+    "global": ("global", "tab:blue", "o", "-"),
+    "categorywise": ("category-wise", "tab:orange", "s", "--"),
+    "semantic": ("semantic (NeuSemSlice)", "tab:red", "^", "-"),
+}
 # log-scale floor of the accuracy drop: drops at or below it (and gains) are drawn on it
 _DROP_FLOOR = 1e-3
 
 
-def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLike,
-               title: str = "") -> None:
+def plot_sweep(
+    base_accuracy: float, rows: list[SweepRow], path: str | os.PathLike, title: str = ""
+) -> None:
     """Accuracy vs compression rate, one column per metric (like the paper's Figure 5).
 
     Top row: accuracy, from just below the lowest point to just above the unmasked accuracy
@@ -214,6 +270,7 @@ def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLi
     """
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
@@ -224,8 +281,14 @@ def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLi
     if not np.isfinite(base_accuracy):
         raise ValueError(f"base_accuracy must be finite, got {base_accuracy!r}")
     metrics = list(dict.fromkeys(r.metric for r in rows))
-    fig, axes = plt.subplots(2, len(metrics), figsize=(3.3 * len(metrics) + 0.6, 6.4),
-                             sharex=True, sharey="row", squeeze=False)
+    fig, axes = plt.subplots(
+        2,
+        len(metrics),
+        figsize=(3.3 * len(metrics) + 0.6, 6.4),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+    )
     finite = [v for r in rows for v in (r.accuracy, r.random_accuracy) if np.isfinite(v)]
     low = min(finite + [base_accuracy])
     pad = 0.04 * (base_accuracy - low) + 0.005
@@ -236,8 +299,11 @@ def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLi
     for col, metric in enumerate(metrics):
         ax_acc, ax_drop = axes[0][col], axes[1][col]
         for s in STRATEGIES:
-            pts = sorted((r.compression_rate, r.accuracy, r.random_accuracy)
-                         for r in rows if r.metric == metric and r.strategy == s)
+            pts = sorted(
+                (r.compression_rate, r.accuracy, r.random_accuracy)
+                for r in rows
+                if r.metric == metric and r.strategy == s
+            )
             if not pts:
                 continue
             label, color, marker, ls = _STYLE[s]
@@ -247,10 +313,16 @@ def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLi
                 ok = np.isfinite(acc)
                 if not ok.any():
                     continue
-                style = dict(color=color, marker=marker, ms=4 if random else 5,
-                             ls=":" if random else ls, lw=1.0 if random else 1.6,
-                             mfc="none" if random else color, alpha=0.7 if random else 0.95,
-                             zorder=2 if random else 3)
+                style = dict(
+                    color=color,
+                    marker=marker,
+                    ms=4 if random else 5,
+                    ls=":" if random else ls,
+                    lw=1.0 if random else 1.6,
+                    mfc="none" if random else color,
+                    alpha=0.7 if random else 0.95,
+                    zorder=2 if random else 3,
+                )
                 ax_acc.plot(cr[ok], acc[ok], **style)
                 ax_drop.plot(cr[ok], np.maximum(base_accuracy - acc[ok], _DROP_FLOOR), **style)
         ax_acc.axhline(base_accuracy, color="0.35", lw=1.0, ls=(0, (5, 3)), zorder=1)
@@ -262,25 +334,53 @@ def plot_sweep(base_accuracy: float, rows: list[SweepRow], path: str | os.PathLi
     axes[0][0].set_ylim(low - pad, max(finite + [base_accuracy]) + 2.5 * pad)
     axes[0][0].set_ylabel("accuracy (masked)")
     for ax in axes[0]:
-        ax.annotate(f"unmasked {base_accuracy:.3f}", xy=(0.98, base_accuracy),
-                    xycoords=("axes fraction", "data"), xytext=(0, 2),
-                    textcoords="offset points", fontsize=8, color="0.25", ha="right",
-                    va="bottom")
+        ax.annotate(
+            f"unmasked {base_accuracy:.3f}",
+            xy=(0.98, base_accuracy),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 2),
+            textcoords="offset points",
+            fontsize=8,
+            color="0.25",
+            ha="right",
+            va="bottom",
+        )
     axes[1][0].set_yscale("log")
     axes[1][0].set_ylim(_DROP_FLOOR * 0.8, top)
     ticks = [t for t in (1e-3, 1e-2, 1e-1, 1.0) if t <= top]
-    axes[1][0].set_yticks(ticks, [f"≤{_DROP_FLOOR:g}" if t == _DROP_FLOOR else f"{t:g}"
-                                  for t in ticks])
+    axes[1][0].set_yticks(
+        ticks, [f"≤{_DROP_FLOOR:g}" if t == _DROP_FLOOR else f"{t:g}" for t in ticks]
+    )
     axes[1][0].set_ylabel("accuracy drop (unmasked − masked)")
-    handles = [Line2D([], [], color=c, marker=m, ls=ls, lw=1.6, ms=5, label=lab)
-               for lab, c, m, ls in _STYLE.values()]
-    handles += [Line2D([], [], color=c, marker=m, ls=":", mfc="none", ms=4, alpha=0.8,
-                       label=f"random, sizes of {lab.split(' ')[0]}")
-                for lab, c, m, _ in _STYLE.values()]
-    handles.append(Line2D([], [], color="0.35", ls=(0, (5, 3)),
-                          label=f"unmasked model ({base_accuracy:.3f})"))
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+    handles = [
+        Line2D([], [], color=c, marker=m, ls=ls, lw=1.6, ms=5, label=lab)
+        for lab, c, m, ls in _STYLE.values()
+    ]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color=c,
+            marker=m,
+            ls=":",
+            mfc="none",
+            ms=4,
+            alpha=0.8,
+            label=f"random, sizes of {lab.split(' ')[0]}",
+        )
+        for lab, c, m, _ in _STYLE.values()
+    ]
+    handles.append(
+        Line2D([], [], color="0.35", ls=(0, (5, 3)), label=f"unmasked model ({base_accuracy:.3f})")
+    )
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=4,
+        fontsize=9,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+    )
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.08, 1, 1))

@@ -23,7 +23,14 @@ from .models import MODELS, build_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["seed_everything", "fit_epochs", "train_classifier", "evaluate", "default_cache_dir", "cached_model"]
+__all__ = [
+    "seed_everything",
+    "fit_epochs",
+    "train_classifier",
+    "evaluate",
+    "default_cache_dir",
+    "cached_model",
+]
 
 
 def seed_everything(seed: int) -> None:

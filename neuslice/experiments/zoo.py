@@ -85,8 +85,9 @@ def cifar_vgg16(in_channels: int = 3, num_classes: int = 10, hidden: int = 512) 
     if in_channels != 3:
         model.features[0] = _stem_conv(in_channels, 64, bias=True)
     model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    model.classifier = nn.Sequential(nn.Linear(512, hidden), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden, num_classes))
+    model.classifier = nn.Sequential(
+        nn.Linear(512, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+    )
     for m in model.classifier:
         if isinstance(m, nn.Linear):  # torchvision's VGG initialisation
             nn.init.normal_(m.weight, 0, 0.01)
@@ -95,7 +96,9 @@ def cifar_vgg16(in_channels: int = 3, num_classes: int = 10, hidden: int = 512) 
 
 
 _CIFAR_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "cifar_resnet18": cifar_resnet18, "cifar_vgg16": cifar_vgg16}
+    "cifar_resnet18": cifar_resnet18,
+    "cifar_vgg16": cifar_vgg16,
+}
 
 
 def _names(keys: list[str], limit: int = 8) -> str:
@@ -112,29 +115,36 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping) -> nn.M
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"weights file {path!r} does not exist; neuslice never downloads weights: "
-                f"pass the path of a state dict saved with torch.save(model.state_dict(), path)")
+                f"pass the path of a state dict saved with torch.save(model.state_dict(), path)"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read a state dict from {path!r} "
-                             f"({type(exc).__name__}: {exc})") from exc
+            raise ValueError(
+                f"cannot read a state dict from {path!r} ({type(exc).__name__}: {exc})"
+            ) from exc
     else:
         state = weights
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if not isinstance(state, Mapping):
-        raise ValueError(f"weights must hold a state dict (a mapping of names to tensors), "
-                         f"got {type(state).__name__}")
+        raise ValueError(
+            f"weights must hold a state dict (a mapping of names to tensors), "
+            f"got {type(state).__name__}"
+        )
     if not any(torch.is_tensor(v) for v in state.values()):  # a checkpoint around it
         inner = [state[k] for k in ("state_dict", "model") if isinstance(state.get(k), Mapping)]
         state = inner[0] if inner else state
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -143,14 +153,18 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping) -> nn.M
             parts.append(f"unexpected keys: {_names(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch (file vs model): {_names(shapes, 4)}")
-        raise ValueError(f"the weights do not fit {type(model).__name__}: " + "; ".join(parts)
-                         + " (is num_classes right?)" * bool(shapes))
+        raise ValueError(
+            f"the weights do not fit {type(model).__name__}: "
+            + "; ".join(parts)
+            + " (is num_classes right?)" * bool(shapes)
+        )
     model.load_state_dict(state)
     return model
 
 
-def build(name: str, num_classes: int = 1000,
-          weights: str | os.PathLike | Mapping | None = None) -> nn.Module:
+def build(
+    name: str, num_classes: int = 1000, weights: str | os.PathLike | Mapping | None = None
+) -> nn.Module:
     """``name`` with ``num_classes`` outputs: random weights, or the state dict in ``weights``
     (a local file path or a mapping; never downloaded).
 
@@ -168,9 +182,11 @@ def build(name: str, num_classes: int = 1000,
     else:
         known = tv.models.list_models(module=tv.models)
         if name not in known:
-            raise ValueError(f"unknown model {name!r}; choose from {list(NAMES + CIFAR_NAMES)} "
-                             f"or another torchvision classification model "
-                             f"(torchvision.models.list_models(module=torchvision.models))")
+            raise ValueError(
+                f"unknown model {name!r}; choose from {list(NAMES + CIFAR_NAMES)} "
+                f"or another torchvision classification model "
+                f"(torchvision.models.list_models(module=torchvision.models))"
+            )
         model = tv.models.get_model(name, weights=None, num_classes=num_classes)
     if weights is not None:
         load_weights(model, weights)

@@ -28,9 +28,15 @@ from ..slicing import Slice
 __all__ = ["recalibrate_batchnorm"]
 
 
-def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterable, *,
-                          num_batches: int | None = None, device: torch.device | str | None = None,
-                          progress: bool = True) -> nn.Module:
+def recalibrate_batchnorm(
+    model: nn.Module,
+    slice: Slice | None,
+    loader: Iterable,
+    *,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> nn.Module:
     """A copy of ``model`` with every BatchNorm's running statistics re-estimated under ``slice``.
 
     Args:
@@ -48,8 +54,9 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if slice is not None and not isinstance(slice, Slice):
         raise TypeError(f"slice must be a neuslice.Slice or None, got {type(slice).__name__}")
-    if num_batches is not None and (isinstance(num_batches, bool) or
-                                    not isinstance(num_batches, int) or num_batches < 1):
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     model = unwrap_model(model)  # torch.compile / DataParallel: a copy of the module inside
     if slice is not None:
@@ -58,8 +65,11 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
         out = copy.deepcopy(model)
     if device is not None:
         out = out.to(device)
-    norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = [
+        m
+        for m in out.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return out
     dev = next((p.device for p in out.parameters()), torch.device("cpu"))
@@ -85,7 +95,7 @@ def recalibrate_batchnorm(model: nn.Module, slice: Slice | None, loader: Iterabl
     for m, mom in zip(norms, momenta):
         m.momentum = mom
     if seen == 0:
-        raise ValueError("the loader gave no batch of at least 2 samples; BatchNorm statistics "
-                         "need data.")
+        raise ValueError(
+            "the loader gave no batch of at least 2 samples; BatchNorm statistics need data."
+        )
     return out
-

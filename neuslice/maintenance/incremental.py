@@ -41,10 +41,20 @@ from ..slicing import Slice, categorywise_slice, global_slice, semantic_slice
 from .._utils.training import fit_epochs, make_loader
 from .._utils.checks import check_fraction, model_device
 
-__all__ = ["split_tasks", "learn_task", "task_logits", "task_accuracy", "union_slice",
-           "make_slicer", "incremental_run", "slice_bytes", "replay_bytes", "replay_subset",
-           "task_accuracy_any",
-           "METHODS"]
+__all__ = [
+    "split_tasks",
+    "learn_task",
+    "task_logits",
+    "task_accuracy",
+    "union_slice",
+    "make_slicer",
+    "incremental_run",
+    "slice_bytes",
+    "replay_bytes",
+    "replay_subset",
+    "task_accuracy_any",
+    "METHODS",
+]
 
 #: Method names accepted by :func:`incremental_run`; ``replay`` and ``neusemslice+replay`` also
 #: come with a percentage suffix (``replay5``, ``replay10``, ``replay100``, ...).
@@ -55,24 +65,29 @@ Slicer = Callable[[nn.Module, Dataset, Sequence[int]], Slice]
 
 # ---- checks ------------------------------------------------------------------------------
 
+
 def _check_groups(class_groups: Any) -> list[list[int]]:
     if isinstance(class_groups, (str, bytes)) or not isinstance(class_groups, Iterable):
-        raise TypeError(f"class_groups must be a list of lists of class indices "
-                        f"(e.g. [[0, 1, 2], [3, 4]]), got {type(class_groups).__name__}")
+        raise TypeError(
+            f"class_groups must be a list of lists of class indices "
+            f"(e.g. [[0, 1, 2], [3, 4]]), got {type(class_groups).__name__}"
+        )
     groups: list[list[int]] = []
     seen: dict[int, int] = {}
     for t, g in enumerate(class_groups):
         if isinstance(g, (str, bytes)) or not isinstance(g, Iterable):
-            raise TypeError(f"class group {t} must be a list of class indices, "
-                            f"got {type(g).__name__}")
+            raise TypeError(
+                f"class group {t} must be a list of class indices, got {type(g).__name__}"
+            )
         group = []
         for c in g:
             c = class_index(c, f"class group {t}")
             if c < 0:
                 raise ValueError(f"class group {t} holds the negative class index {c}")
             if c in seen:
-                raise ValueError(f"class {c} is in group {seen[c]} and group {t}; class groups "
-                                 f"must not overlap")
+                raise ValueError(
+                    f"class {c} is in group {seen[c]} and group {t}; class groups must not overlap"
+                )
             seen[c] = t
             group.append(c)
         if not group:
@@ -90,16 +105,17 @@ def _check_module(model: Any) -> None:
 
 def _check_dataset(dataset: Any, what: str = "dataset") -> None:
     if not isinstance(dataset, Dataset):
-        raise TypeError(f"{what} must be a torch.utils.data.Dataset, "
-                        f"got {type(dataset).__name__}")
+        raise TypeError(f"{what} must be a torch.utils.data.Dataset, got {type(dataset).__name__}")
 
 
 def _labels(dataset: Dataset) -> torch.Tensor:
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None and len(tensors) >= 2:
         return tensors[1].reshape(-1).long()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))],  # type: ignore
-                        dtype=torch.long)
+    return torch.tensor(
+        [int(dataset[i][1]) for i in range(len(dataset))],  # type: ignore
+        dtype=torch.long,
+    )
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -108,6 +124,7 @@ def _num_outputs(model: nn.Module) -> int:
 
 
 # ---- data --------------------------------------------------------------------------------
+
 
 def split_tasks(dataset: Dataset, class_groups: list[list[int]]) -> list[TensorDataset]:
     """One ``TensorDataset`` per class group, holding that group's samples in their original
@@ -144,13 +161,15 @@ def replay_subset(dataset: Dataset, fraction: float, seed: int = 0) -> TensorDat
     if n == 0:
         raise ValueError("cannot take a replay buffer of an empty dataset")
     g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(n, generator=g)[:_replay_count(n, fraction)].sort().values
+    idx = torch.randperm(n, generator=g)[: _replay_count(n, fraction)].sort().values
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None and len(tensors) >= 2:
         return TensorDataset(tensors[0][idx], tensors[1][idx])
     pairs = [dataset[int(i)] for i in idx]
-    return TensorDataset(torch.stack([torch.as_tensor(p[0]) for p in pairs]),
-                         torch.tensor([int(p[1]) for p in pairs], dtype=torch.long))
+    return TensorDataset(
+        torch.stack([torch.as_tensor(p[0]) for p in pairs]),
+        torch.tensor([int(p[1]) for p in pairs], dtype=torch.long),
+    )
 
 
 def _sample_bytes(dataset: Dataset) -> int:
@@ -188,6 +207,7 @@ def slice_bytes(slice: Slice) -> int:
 
 # ---- slices ------------------------------------------------------------------------------
 
+
 def union_slice(slices: Sequence[Slice]) -> Slice:
     """A slice whose critical neurons are those critical in any of ``slices`` (masks OR-ed;
     per-category masks OR-ed too when every slice has them)."""
@@ -203,25 +223,45 @@ def union_slice(slices: Sequence[Slice]) -> Slice:
     for s in slices[1:]:
         if s.fingerprint != first.fingerprint or set(s.masks) != set(first.masks):
             raise ValueError("union_slice: the slices belong to different models or layers")
-    masks = {k: torch.stack([s.masks[k].bool().cpu() for s in slices]).any(0)
-             for k in first.masks}
+    masks = {k: torch.stack([s.masks[k].bool().cpu() for s in slices]).any(0) for k in first.masks}
     cat = None
     if all(s.category_masks is not None for s in slices):
-        cat = {k: torch.stack([s.category_masks[k].bool().cpu()  # type: ignore[index]
-                               for s in slices]).any(0) for k in first.masks}
+        cat = {
+            k: torch.stack(
+                [
+                    s.category_masks[k].bool().cpu()  # type: ignore[index]
+                    for s in slices
+                ]
+            ).any(0)
+            for k in first.masks
+        }
     notes = [n for s in slices for n in s.notes]
-    return Slice(masks=masks, strategy="union", metric=first.metric,
-                 fingerprint=first.fingerprint, input_shape=list(first.input_shape),
-                 category_masks=cat, notes=notes + [f"union of {len(slices)} slices"])
+    return Slice(
+        masks=masks,
+        strategy="union",
+        metric=first.metric,
+        fingerprint=first.fingerprint,
+        input_shape=list(first.input_shape),
+        category_masks=cat,
+        notes=notes + [f"union of {len(slices)} slices"],
+    )
 
 
-def make_slicer(strategy: str = "semantic", metric: str = "taylor", value: float = 0.9,
-                batch_size: int = 128, **profile_kwargs: Any) -> Slicer:
+def make_slicer(
+    strategy: str = "semantic",
+    metric: str = "taylor",
+    value: float = 0.9,
+    batch_size: int = 128,
+    **profile_kwargs: Any,
+) -> Slicer:
     """A ``slicer(model, dataset, classes) -> Slice`` that profiles ``model`` on ``dataset``
     and slices with ``strategy`` ("semantic": CKA ``threshold=value``; "global" /
     "categorywise": ``ratio=value``). Classes absent from ``dataset`` are skipped."""
-    strategies = {"semantic": semantic_slice, "global": global_slice,
-                  "categorywise": categorywise_slice}
+    strategies = {
+        "semantic": semantic_slice,
+        "global": global_slice,
+        "categorywise": categorywise_slice,
+    }
     if strategy not in strategies:
         raise ValueError(f"strategy must be one of {sorted(strategies)}, got {strategy!r}")
     if not isinstance(metric, str):
@@ -231,8 +271,13 @@ def make_slicer(strategy: str = "semantic", metric: str = "taylor", value: float
     profile_kwargs.setdefault("hsic", strategy == "semantic")
 
     def slicer(model: nn.Module, dataset: Dataset, classes: Sequence[int]) -> Slice:
-        prof = profile(model, make_loader(dataset, batch_size=batch_size),
-                       num_classes=_num_outputs(model), metrics=(metric,), **profile_kwargs)
+        prof = profile(
+            model,
+            make_loader(dataset, batch_size=batch_size),
+            num_classes=_num_outputs(model),
+            metrics=(metric,),
+            **profile_kwargs,
+        )
         return make(prof, metric, value)
 
     slicer.__name__ = f"{strategy}_slicer"
@@ -241,10 +286,19 @@ def make_slicer(strategy: str = "semantic", metric: str = "taylor", value: float
 
 # ---- training and evaluation -------------------------------------------------------------
 
-def learn_task(model: nn.Module, train_set: Dataset, classes: Sequence[int],
-               frozen_slice: Slice | None = None, protect_classes: Iterable[int] = (),
-               epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-               weight_decay: float = 0.0) -> list[float]:
+
+def learn_task(
+    model: nn.Module,
+    train_set: Dataset,
+    classes: Sequence[int],
+    frozen_slice: Slice | None = None,
+    protect_classes: Iterable[int] = (),
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+) -> list[float]:
     """Train ``model`` in place with Adam and cross-entropy over the full head on
     ``train_set``, whose labels must all be in ``classes``.
 
@@ -260,15 +314,17 @@ def learn_task(model: nn.Module, train_set: Dataset, classes: Sequence[int],
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number (e.g. 1e-3), got {lr!r}")
     if frozen_slice is not None and not isinstance(frozen_slice, Slice):
-        raise TypeError(f"frozen_slice must be a neuslice.Slice or None, "
-                        f"got {type(frozen_slice).__name__}")
+        raise TypeError(
+            f"frozen_slice must be a neuslice.Slice or None, got {type(frozen_slice).__name__}"
+        )
     classes = _check_groups([classes])[0]
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError("train_set is empty; a task needs training samples")
     extra = sorted(set(_labels(train_set).tolist()) - set(classes))
     if extra:
-        raise ValueError(f"train_set holds labels {extra} that are not in the task's classes "
-                         f"{classes}")
+        raise ValueError(
+            f"train_set holds labels {extra} that are not in the task's classes {classes}"
+        )
     n_out = _num_outputs(model)
     if max(classes) >= n_out:
         raise ValueError(f"class {max(classes)} does not fit the model's head of {n_out} outputs")
@@ -278,15 +334,21 @@ def learn_task(model: nn.Module, train_set: Dataset, classes: Sequence[int],
     dev = model_device(model)
     opt: Any = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if frozen_slice is not None:
-        opt = MaskedOptimizer(opt, model, frozen_slice, train="noncritical",
-                              protect_classes=protect)
+        opt = MaskedOptimizer(
+            opt, model, frozen_slice, train="noncritical", protect_classes=protect
+        )
     loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed)
     return fit_epochs(model, loader, opt, epochs, dev)
 
 
 @torch.no_grad()
-def task_logits(model: nn.Module, dataset: Dataset, classes: Sequence[int] | None = None,
-                slice: Slice | None = None, batch_size: int = 512) -> torch.Tensor:
+def task_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    classes: Sequence[int] | None = None,
+    slice: Slice | None = None,
+    batch_size: int = 512,
+) -> torch.Tensor:
     """Logits of ``model`` (eval mode, mode restored afterwards) on ``dataset``, restricted to
     the columns ``classes`` (all when None), with ``slice``'s mask applied when given."""
     _check_module(model)
@@ -305,8 +367,9 @@ def task_logits(model: nn.Module, dataset: Dataset, classes: Sequence[int] | Non
     return torch.cat(out)
 
 
-def task_accuracy(model: nn.Module, dataset: Dataset, classes: Sequence[int],
-                  slice: Slice | None = None) -> float:
+def task_accuracy(
+    model: nn.Module, dataset: Dataset, classes: Sequence[int], slice: Slice | None = None
+) -> float:
     """Accuracy of the argmax over ``classes`` only (labels must be in ``classes``),
     with ``slice``'s mask applied when given."""
     classes = list(classes)
@@ -317,19 +380,28 @@ def task_accuracy(model: nn.Module, dataset: Dataset, classes: Sequence[int],
 
 # ---- per-task BatchNorm statistics --------------------------------------------------------
 
+
 def _norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
-def task_batchnorm_stats(model: nn.Module, slice: Slice, dataset: Dataset,
-                         batch_size: int = 256) -> dict[str, torch.Tensor]:
+def task_batchnorm_stats(
+    model: nn.Module, slice: Slice, dataset: Dataset, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """BatchNorm running statistics of ``model`` re-estimated on ``dataset`` under ``slice``
     (``neuslice.recalibrate_batchnorm``), as a dict of buffers to restore at inference."""
-    fixed = recalibrate_batchnorm(model, slice, make_loader(dataset, batch_size=batch_size),
-                                  progress=False)
-    return {f"{n}.{k}": b.detach().clone() for n, m in _norms(fixed)
-            for k, b in m.named_buffers(recurse=False)}
+    fixed = recalibrate_batchnorm(
+        model, slice, make_loader(dataset, batch_size=batch_size), progress=False
+    )
+    return {
+        f"{n}.{k}": b.detach().clone()
+        for n, m in _norms(fixed)
+        for k, b in m.named_buffers(recurse=False)
+    }
 
 
 class _swapped_stats:
@@ -361,6 +433,7 @@ def _stats_bytes(stats: dict[str, torch.Tensor]) -> int:
 
 # ---- the experiment ----------------------------------------------------------------------
 
+
 def _parse_method(method: Any, replay_fraction: float) -> tuple[str, float | None]:
     """(base method, replay fraction or None)."""
     if not isinstance(method, str):
@@ -372,16 +445,28 @@ def _parse_method(method: Any, replay_fraction: float) -> tuple[str, float | Non
         return base, check_fraction("replay fraction", frac)
     if method in ("original", "retrain", "finetune", "neusemslice"):
         return method, None
-    raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)} (replay methods "
-                     f"also as e.g. 'replay5', 'replay10', 'replay100', 'neusemslice+replay10')")
+    raise ValueError(
+        f"unknown method {method!r}; choose one of {list(METHODS)} (replay methods "
+        f"also as e.g. 'replay5', 'replay10', 'replay100', 'neusemslice+replay10')"
+    )
 
 
-def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence[Dataset],
-                    test_sets: Sequence[Dataset], class_groups: list[list[int]], method: str,
-                    *, slicer: Slicer | None = None, replay_fraction: float = 0.1,
-                    epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-                    device: str | torch.device | None = None,
-                    task_batchnorm: bool = False) -> list[dict[str, Any]]:
+def incremental_run(
+    model_factory: Callable[[], nn.Module],
+    train_sets: Sequence[Dataset],
+    test_sets: Sequence[Dataset],
+    class_groups: list[list[int]],
+    method: str,
+    *,
+    slicer: Slicer | None = None,
+    replay_fraction: float = 0.1,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    task_batchnorm: bool = False,
+) -> list[dict[str, Any]]:
     """Learn the tasks ``class_groups`` in order with ``method`` and evaluate every task.
 
     Methods: ``original`` (first task only), ``retrain`` (all tasks' data at once, from
@@ -407,22 +492,28 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
     BatchNorm otherwise normalises with statistics collected with every neuron active.
     """
     if isinstance(model_factory, nn.Module) or not callable(model_factory):
-        raise TypeError(f"model_factory must be a callable returning a fresh nn.Module, "
-                        f"got {type(model_factory).__name__}")
+        raise TypeError(
+            f"model_factory must be a callable returning a fresh nn.Module, "
+            f"got {type(model_factory).__name__}"
+        )
     groups = _check_groups(class_groups)
     base, fraction = _parse_method(method, replay_fraction)
     train_sets, test_sets = list(train_sets), list(test_sets)
     if len(train_sets) != len(groups) or len(test_sets) != len(groups):
-        raise ValueError(f"need one train and one test set per class group: {len(groups)} "
-                         f"groups, {len(train_sets)} train sets, {len(test_sets)} test sets")
+        raise ValueError(
+            f"need one train and one test set per class group: {len(groups)} "
+            f"groups, {len(train_sets)} train sets, {len(test_sets)} test sets"
+        )
     for t, (tr, te) in enumerate(zip(train_sets, test_sets)):
         _check_dataset(tr, f"train_sets[{t}]")
         _check_dataset(te, f"test_sets[{t}]")
     if slicer is None:
         slicer = make_slicer()
     elif not callable(slicer):
-        raise TypeError(f"slicer must be a callable (model, dataset, classes) -> Slice, "
-                        f"got {type(slicer).__name__}")
+        raise TypeError(
+            f"slicer must be a callable (model, dataset, classes) -> Slice, "
+            f"got {type(slicer).__name__}"
+        )
 
     model = model_factory()
     _check_module(model)
@@ -445,33 +536,40 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
             data: Dataset = train_sets[t]
             classes = list(groups[t])
             if fraction is not None and t > 0:
-                buffers = [replay_subset(train_sets[s], fraction, seed=seed + s)
-                           for s in range(t)]
+                buffers = [replay_subset(train_sets[s], fraction, seed=seed + s) for s in range(t)]
                 data = ConcatDataset([data, *buffers])
                 classes = [c for s in range(t + 1) for c in groups[s]]
             frozen = union_slice(slices) if base == "neusemslice" and slices else None
             protect = [c for s in range(t) for c in groups[s]] if frozen is not None else ()
-            learn_task(model, data, classes, frozen_slice=frozen, protect_classes=protect,
-                       seed=seed + t, **kw)
+            learn_task(
+                model,
+                data,
+                classes,
+                frozen_slice=frozen,
+                protect_classes=protect,
+                seed=seed + t,
+                **kw,
+            )
             learned.append(t)
             if base == "neusemslice" and t < len(groups) - 1:
                 sl = slicer(model, train_sets[t], list(groups[t]))
                 if not isinstance(sl, Slice):
-                    raise TypeError(f"slicer must return a neuslice.Slice, "
-                                    f"got {type(sl).__name__}")
+                    raise TypeError(f"slicer must return a neuslice.Slice, got {type(sl).__name__}")
                 slices.append(sl)
                 if task_batchnorm:
                     bn_stats[t] = task_batchnorm_stats(model, union_slice(slices), train_sets[t])
-            mask = union_slice(slices[:t + 1]) if base == "neusemslice" and t < len(slices) \
-                else None
+            mask = (
+                union_slice(slices[: t + 1]) if base == "neusemslice" and t < len(slices) else None
+            )
             with _swapped_stats(model, bn_stats.get(t)):
                 at_learning[t] = task_accuracy(model, test_sets[t], groups[t], mask)
         if base == "neusemslice":
             memory += sum(slice_bytes(s) for s in slices)
             memory += sum(_stats_bytes(st) for st in bn_stats.values())
         if fraction is not None:
-            memory += sum(replay_bytes(train_sets[s], fraction)
-                          for s in range(max(0, len(groups) - 1)))
+            memory += sum(
+                replay_bytes(train_sets[s], fraction) for s in range(max(0, len(groups) - 1))
+            )
 
     seen = [c for t in learned for c in groups[t]]
     rows: list[dict[str, Any]] = []
@@ -479,7 +577,7 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
     for t, (te, g) in enumerate(zip(test_sets, groups)):
         mask = None
         if base == "neusemslice" and t < len(slices):
-            mask = union_slice(slices[:t + 1])
+            mask = union_slice(slices[: t + 1])
         with _swapped_stats(model, bn_stats.get(t)):
             aware = task_accuracy(model, te, g, mask)
         labels = _labels(te)
@@ -487,21 +585,43 @@ def incremental_run(model_factory: Callable[[], nn.Module], train_sets: Sequence
         agnostic = task_accuracy_any(model, te, seen, labels)
         n = len(labels)
         before = aware if base == "retrain" else at_learning.get(t)
-        rows.append({"method": method, "task": t, "classes": list(g), "n_test": n,
-                     "task_aware": aware, "task_agnostic": agnostic, "masked": mask is not None,
-                     "learned": t in learned, "task_aware_at_learning": before,
-                     "forgetting": None if before is None else before - aware})
+        rows.append(
+            {
+                "method": method,
+                "task": t,
+                "classes": list(g),
+                "n_test": n,
+                "task_aware": aware,
+                "task_agnostic": agnostic,
+                "masked": mask is not None,
+                "learned": t in learned,
+                "task_aware_at_learning": before,
+                "forgetting": None if before is None else before - aware,
+            }
+        )
         n_total += n
         aware_total += aware * n
         agnostic_total += agnostic * n
-    rows.append({"method": method, "task": "overall", "classes": [c for g in groups for c in g],
-                 "n_test": int(n_total), "task_aware": aware_total / n_total,
-                 "task_agnostic": agnostic_total / n_total, "memory_bytes": memory})
+    rows.append(
+        {
+            "method": method,
+            "task": "overall",
+            "classes": [c for g in groups for c in g],
+            "n_test": int(n_total),
+            "task_aware": aware_total / n_total,
+            "task_agnostic": agnostic_total / n_total,
+            "memory_bytes": memory,
+        }
+    )
     return rows
 
 
-def task_accuracy_any(model: nn.Module, dataset: Dataset, candidates: Sequence[int],
-                      labels: torch.Tensor | None = None) -> float:
+def task_accuracy_any(
+    model: nn.Module,
+    dataset: Dataset,
+    candidates: Sequence[int],
+    labels: torch.Tensor | None = None,
+) -> float:
     """Mask-free accuracy of the argmax over ``candidates`` (labels outside them count wrong)."""
     candidates = list(candidates)
     labels = _labels(dataset) if labels is None else labels

@@ -53,9 +53,11 @@ class _Plan:
 
 def _check_train(train: Any) -> str:
     if not isinstance(train, str) or train not in TRAIN_CHOICES:
-        raise ValueError(f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}: "
-                         f"'critical' trains the slice's critical neurons (re-adaptation), "
-                         f"'noncritical' trains the others (incremental development).")
+        raise ValueError(
+            f"train must be one of {list(TRAIN_CHOICES)}, got {train!r}: "
+            f"'critical' trains the slice's critical neurons (re-adaptation), "
+            f"'noncritical' trains the others (incremental development)."
+        )
     return train
 
 
@@ -84,8 +86,9 @@ def _n_rows(p: torch.Tensor) -> int:
     return p.shape[0] if p.dim() > 0 else 1
 
 
-def _plan(model: nn.Module, slice: Slice, train: str,
-          protect_classes: Iterable[int] | None) -> _Plan:
+def _plan(
+    model: nn.Module, slice: Slice, train: str, protect_classes: Iterable[int] | None
+) -> _Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(slice, Slice):
@@ -148,19 +151,27 @@ def _protected(protect_classes: Iterable[int] | None, n_out: int, head: str) -> 
     if protect_classes is None:
         return protected
     if isinstance(protect_classes, (str, bytes)) or not isinstance(protect_classes, Iterable):
-        raise TypeError(f"protect_classes must be an iterable of class indices (e.g. [0, 1, 2]) "
-                        f"or None, got {type(protect_classes).__name__}")
+        raise TypeError(
+            f"protect_classes must be an iterable of class indices (e.g. [0, 1, 2]) "
+            f"or None, got {type(protect_classes).__name__}"
+        )
     for c in protect_classes:
         c = class_index(c, "protect_classes")
         if not 0 <= c < n_out:
-            raise ValueError(f"protect_classes holds class {c}, but the head {head!r} has "
-                             f"{n_out} outputs; use indices in [0, {n_out}).")
+            raise ValueError(
+                f"protect_classes holds class {c}, but the head {head!r} has "
+                f"{n_out} outputs; use indices in [0, {n_out})."
+            )
         protected[c] = True
     return protected
 
 
-def trainable_fraction(model: nn.Module, slice: Slice, train: str = "critical",
-                       protect_classes: Iterable[int] | None = None) -> float:
+def trainable_fraction(
+    model: nn.Module,
+    slice: Slice,
+    train: str = "critical",
+    protect_classes: Iterable[int] | None = None,
+) -> float:
     """Fraction of the model's parameter entries that :class:`MaskedOptimizer` lets train
     (the paper's training parameter ratio, TPR), under the rule in this module's docstring."""
     plan = _plan(model, slice, train, protect_classes)
@@ -203,12 +214,20 @@ class MaskedOptimizer:
     ``masked.optimizer``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, slice: Slice,
-                 train: str = "critical", protect_classes: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        slice: Slice,
+        train: str = "critical",
+        protect_classes: Iterable[int] | None = None,
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. "
-                            f"torch.optim.SGD(model.parameters(), lr=0.1)), got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (e.g. "
+                f"torch.optim.SGD(model.parameters(), lr=0.1)), got "
+                f"{type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.model = model
         self.slice = slice
@@ -230,7 +249,8 @@ class MaskedOptimizer:
             raise ValueError(
                 f"{len(foreign)} of the optimizer's {len(params)} parameters are not parameters "
                 f"of the model, so they cannot be masked by neuron; build the optimizer from "
-                f"model.parameters() (e.g. torch.optim.SGD(model.parameters(), lr=0.1)).")
+                f"model.parameters() (e.g. torch.optim.SGD(model.parameters(), lr=0.1))."
+            )
 
     def _group_signature(self) -> tuple[int, ...]:
         return tuple(len(g["params"]) for g in self.optimizer.param_groups)
@@ -261,8 +281,14 @@ class MaskedOptimizer:
         with torch.no_grad():
             for m, frozen in self._plan.norms:
                 idx = frozen.nonzero().reshape(-1).to(m.running_mean.device)
-                saved.append((m, idx, m.running_mean.index_select(0, idx),
-                              m.running_var.index_select(0, idx)))
+                saved.append(
+                    (
+                        m,
+                        idx,
+                        m.running_mean.index_select(0, idx),
+                        m.running_var.index_select(0, idx),
+                    )
+                )
         self._norm_saved = saved
 
     # ---- the step ------------------------------------------------------------------------
@@ -277,8 +303,9 @@ class MaskedOptimizer:
         copied only when something other than this wrapper wrote to them since the last one."""
         p = e.param
         if e.saved is None or e.saved_version != p._version or e.saved.device != p.device:
-            e.saved = p.detach().clone() if e.idx is None else \
-                p.detach().index_select(0, self._idx(e))
+            e.saved = (
+                p.detach().clone() if e.idx is None else p.detach().index_select(0, self._idx(e))
+            )
             e.saved_version = p._version
         if e.idx is None:
             return
@@ -312,11 +339,13 @@ class MaskedOptimizer:
         self._mask_grads()
         wrapped = None
         if closure is not None:
+
             def wrapped() -> Any:
                 with torch.enable_grad():
                     loss = closure()
                 self._mask_grads()
                 return loss
+
         with torch.no_grad():
             for e in self._entries:
                 self._snapshot(e)
@@ -339,14 +368,17 @@ class MaskedOptimizer:
                         e.state_saved[k] = (t, t._version, rows)
             for m, idx, mean, var in self._norm_saved:
                 if m.running_mean is not None:
-                    m.running_mean.index_copy_(0, idx.to(m.running_mean.device), mean.to(
-                        m.running_mean.device))
-                    m.running_var.index_copy_(0, idx.to(m.running_var.device), var.to(
-                        m.running_var.device))
+                    m.running_mean.index_copy_(
+                        0, idx.to(m.running_mean.device), mean.to(m.running_mean.device)
+                    )
+                    m.running_var.index_copy_(
+                        0, idx.to(m.running_var.device), var.to(m.running_var.device)
+                    )
         return loss
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
-                        error_if_nonfinite: bool = False) -> torch.Tensor:
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
         """Clip the gradients of the trainable entries only; returns their total norm.
 
         ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` also counts the gradients
@@ -360,10 +392,17 @@ class MaskedOptimizer:
             self._check_params(p for g in self.optimizer.param_groups for p in g["params"])
             self._refresh_entries()
         self._mask_grads()
-        params = list({id(p): p for g in self.optimizer.param_groups for p in g["params"]
-                       if p.grad is not None}.values())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
-                                              error_if_nonfinite=error_if_nonfinite)
+        params = list(
+            {
+                id(p): p
+                for g in self.optimizer.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }.values()
+        )
+        return torch.nn.utils.clip_grad_norm_(
+            params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite
+        )
 
     # ---- delegation ----------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -385,8 +424,10 @@ class MaskedOptimizer:
         """Add a group to the wrapped optimizer; its parameters must belong to the model."""
         params = param_group.get("params", []) if isinstance(param_group, dict) else None
         if params is None:
-            raise TypeError(f"param_group must be a dict with a 'params' entry, got "
-                            f"{type(param_group).__name__}")
+            raise TypeError(
+                f"param_group must be a dict with a 'params' entry, got "
+                f"{type(param_group).__name__}"
+            )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         self._check_params(params)
         self.optimizer.add_param_group({**param_group, "params": params})
@@ -404,6 +445,8 @@ class MaskedOptimizer:
 
     def __repr__(self) -> str:
         protect = "" if not self.protect_classes else f", protect_classes={self.protect_classes}"
-        return (f"MaskedOptimizer(train={self.train!r}{protect}, "
-                f"trainable={self.trainable_fraction():.1%} of parameters, "
-                f"optimizer={type(self.optimizer).__name__}, head={self._plan.head!r})")
+        return (
+            f"MaskedOptimizer(train={self.train!r}{protect}, "
+            f"trainable={self.trainable_fraction():.1%} of parameters, "
+            f"optimizer={type(self.optimizer).__name__}, head={self._plan.head!r})"
+        )

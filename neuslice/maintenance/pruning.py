@@ -39,8 +39,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 __all__ = [
-    "METHODS", "PRUNABLE_TYPES", "PruneReport", "prune_weights", "sparsity", "compression_rate",
-    "remove_reparametrization", "iterative_prune",
+    "METHODS",
+    "PRUNABLE_TYPES",
+    "PruneReport",
+    "prune_weights",
+    "sparsity",
+    "compression_rate",
+    "remove_reparametrization",
+    "iterative_prune",
 ]
 
 METHODS = ("global", "lamp", "uniform_plus", "erk")
@@ -73,8 +79,9 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach()
 
 
-def _prunable_layers(model: nn.Module,
-                     layers: Optional[Iterable[LayerSpec]] = None) -> list[tuple[str, nn.Module]]:
+def _prunable_layers(
+    model: nn.Module, layers: Optional[Iterable[LayerSpec]] = None
+) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the layers to prune, in registration order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -100,8 +107,10 @@ def _prunable_layers(model: nn.Module,
         else:
             raise TypeError(f"layers must hold module names or modules, got {type(spec).__name__}")
         if not isinstance(by_name[name], PRUNABLE_TYPES):
-            raise TypeError(f"layer {name!r} is a {type(by_name[name]).__name__}; only nn.Linear "
-                            "and nn.Conv2d weights can be pruned")
+            raise TypeError(
+                f"layer {name!r} is a {type(by_name[name]).__name__}; only nn.Linear "
+                "and nn.Conv2d weights can be pruned"
+            )
         wanted.add(name)
     if not wanted:
         raise ValueError("layers is empty: nothing to prune")
@@ -113,8 +122,9 @@ def _check_amount(amount: float) -> float:
         raise TypeError(f"amount must be a real number in [0, 1), got {type(amount).__name__}")
     amount = float(amount)
     if not 0.0 <= amount < 1.0:  # also rejects NaN
-        raise ValueError(f"amount must be in [0, 1) (fraction of the remaining weights to prune), "
-                         f"got {amount}")
+        raise ValueError(
+            f"amount must be in [0, 1) (fraction of the remaining weights to prune), got {amount}"
+        )
     return amount
 
 
@@ -127,8 +137,9 @@ def _check_method(method: str) -> str:
 
 
 # --------------------------------------------------------------------------- allocations
-def _solve_keeps(weights: Sequence[float], lo: Sequence[int], hi: Sequence[int],
-                 target: int) -> list[int]:
+def _solve_keeps(
+    weights: Sequence[float], lo: Sequence[int], hi: Sequence[int], target: int
+) -> list[int]:
     """Integer keeps ``k_l = clip(eps * weights[l], lo[l], hi[l])`` with ``sum k_l = target``.
 
     ``eps`` is found exactly from the breakpoints of the piecewise-linear, non-decreasing sum
@@ -136,6 +147,7 @@ def _solve_keeps(weights: Sequence[float], lo: Sequence[int], hi: Sequence[int],
     scheme); the fractional keeps are then rounded by the largest-remainder rule so the total is
     exact whenever it is reachable (``sum lo <= target <= sum hi``).
     """
+
     def total(e: float) -> float:
         return sum(min(max(e * w, a), b) for w, a, b in zip(weights, lo, hi))
 
@@ -143,8 +155,9 @@ def _solve_keeps(weights: Sequence[float], lo: Sequence[int], hi: Sequence[int],
         return list(lo)
     if target >= sum(hi):
         return list(hi)
-    points = sorted({0.0} | {a / w for w, a in zip(weights, lo)}
-                    | {b / w for w, b in zip(weights, hi)})
+    points = sorted(
+        {0.0} | {a / w for w, a in zip(weights, lo)} | {b / w for w, b in zip(weights, hi)}
+    )
     prev_e, prev_f = 0.0, total(0.0)
     eps = points[-1]
     for e in points[1:]:
@@ -171,8 +184,9 @@ def _lamp_scores(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     sq = w[keep].double().pow(2)
     srt, idx = torch.sort(sq, stable=True)
     tail = torch.flip(torch.cumsum(torch.flip(srt, [0]), 0), [0])  # sum_{v >= u} w_(v)^2
-    score_sorted = torch.where(tail > 0, srt / tail.clamp_min(torch.finfo(torch.float64).tiny),
-                               torch.zeros_like(srt))
+    score_sorted = torch.where(
+        tail > 0, srt / tail.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(srt)
+    )
     out = torch.empty_like(score_sorted)
     out[idx] = score_sorted
     return out
@@ -189,8 +203,9 @@ def _global_prune_sets(scores: list[torch.Tensor], n_prune: int) -> list[torch.T
     return [p.nonzero().flatten() for p in torch.split(picked, sizes)]
 
 
-def _keep_counts(method: str, layers: list[tuple[str, nn.Module]], remaining: list[int],
-                 target: int) -> list[int]:
+def _keep_counts(
+    method: str, layers: list[tuple[str, nn.Module]], remaining: list[int], target: int
+) -> list[int]:
     """Number of weights each layer keeps under ``uniform_plus`` / ``erk``."""
     sizes = [m.weight.numel() for _, m in layers]
     if method == "erk":
@@ -209,8 +224,9 @@ def _keep_counts(method: str, layers: list[tuple[str, nn.Module]], remaining: li
     return _solve_keeps([float(s) for s in sizes], lo, hi, target)
 
 
-def prune_weights(model: nn.Module, method: str, amount: float,
-                  layers: Optional[Iterable[LayerSpec]] = None) -> dict[str, float]:
+def prune_weights(
+    model: nn.Module, method: str, amount: float, layers: Optional[Iterable[LayerSpec]] = None
+) -> dict[str, float]:
     """Prune the fraction ``amount`` of the currently remaining prunable weights, in place.
 
     Args:
@@ -315,6 +331,7 @@ class PruneReport:
         history: ``(round, sparsity, accuracy)`` for round 0 (the original model) and every round
             evaluated, including a final rejected (reverted) one.
     """
+
     method: str
     rounds: int
     compression_rate: float
@@ -353,11 +370,17 @@ def _accuracy(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float
     return float(value)
 
 
-def iterative_prune(model: nn.Module, method: str, evaluate: Callable[[nn.Module], float],
-                    finetune: Optional[Callable[[nn.Module], object]],
-                    amount: float = 0.2, tolerance: float = 0.01, max_rounds: int = 20,
-                    layers: Optional[Iterable[LayerSpec]] = None,
-                    reference_accuracy: Optional[float] = None) -> PruneReport:
+def iterative_prune(
+    model: nn.Module,
+    method: str,
+    evaluate: Callable[[nn.Module], float],
+    finetune: Optional[Callable[[nn.Module], object]],
+    amount: float = 0.2,
+    tolerance: float = 0.01,
+    max_rounds: int = 20,
+    layers: Optional[Iterable[LayerSpec]] = None,
+    reference_accuracy: Optional[float] = None,
+) -> PruneReport:
     """Prune-finetune-evaluate rounds until accuracy drops more than ``tolerance``.
 
     Each round calls :func:`prune_weights` with ``amount``, then ``finetune(model)`` (skipped if
@@ -399,5 +422,11 @@ def iterative_prune(model: nn.Module, method: str, evaluate: Callable[[nn.Module
             _restore(model, snap)
             break
         accuracy, kept = acc, r
-    return PruneReport(method=method, rounds=kept, compression_rate=compression_rate(model),
-                       accuracy=accuracy, original_accuracy=original, history=history)
+    return PruneReport(
+        method=method,
+        rounds=kept,
+        compression_rate=compression_rate(model),
+        accuracy=accuracy,
+        original_accuracy=original,
+        history=history,
+    )

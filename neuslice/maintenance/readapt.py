@@ -70,8 +70,9 @@ Stats = float | Sequence[float]
 # ---------------------------------------------------------------------------- normalisation
 def _stats_tensor(value: Stats, what: str) -> torch.Tensor:
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be a float or a sequence of per-channel floats, "
-                        f"got {value!r}")
+        raise TypeError(
+            f"{what} must be a float or a sequence of per-channel floats, got {value!r}"
+        )
     if isinstance(value, (int, float)):
         values = [float(value)]
     elif isinstance(value, torch.Tensor):
@@ -82,8 +83,10 @@ def _stats_tensor(value: Stats, what: str) -> torch.Tensor:
         except (TypeError, ValueError):
             raise TypeError(f"{what} must hold numbers, got {value!r}") from None
     else:
-        raise TypeError(f"{what} must be a float or a sequence of per-channel floats, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{what} must be a float or a sequence of per-channel floats, "
+            f"got {type(value).__name__}"
+        )
     if not values or not all(math.isfinite(v) for v in values):
         raise ValueError(f"{what} must hold at least one finite number, got {value!r}")
     if what == "std" and min(values) <= 0:
@@ -96,8 +99,10 @@ def _broadcast(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if stat.numel() == 1:
         return stat.reshape(()).to(device=x.device, dtype=x.dtype)
     if x.dim() < 2 or x.shape[1] != stat.numel():
-        raise ValueError(f"{stat.numel()} per-channel statistics do not match inputs of shape "
-                         f"{tuple(x.shape)} (channels are dim 1)")
+        raise ValueError(
+            f"{stat.numel()} per-channel statistics do not match inputs of shape "
+            f"{tuple(x.shape)} (channels are dim 1)"
+        )
     return stat.reshape(1, -1, *([1] * (x.dim() - 2))).to(device=x.device, dtype=x.dtype)
 
 
@@ -136,7 +141,8 @@ def _import_torchattacks() -> Any:
     except ImportError as exc:
         raise ImportError(
             "adversarial attacks need torchattacks; install it with "
-            "`pip install \"neuslice[readapt]\"` (torchattacks and torchvision)") from exc
+            '`pip install "neuslice[readapt]"` (torchattacks and torchvision)'
+        ) from exc
     return torchattacks
 
 
@@ -164,9 +170,18 @@ class Attack:
     stream (``seed`` + call index), so the global RNG is not consumed.
     """
 
-    def __init__(self, model: nn.Module, kind: str, eps: float, alpha: float | None,
-                 steps: int, mean: Stats | None, std: Stats | None, random_start: bool,
-                 seed: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        eps: float,
+        alpha: float | None,
+        steps: int,
+        mean: Stats | None,
+        std: Stats | None,
+        random_start: bool,
+        seed: int,
+    ) -> None:
         self.model = model
         self.kind = kind
         self.eps = eps
@@ -182,8 +197,9 @@ class Attack:
         if kind == "fgsm":
             self._attack = ta.FGSM(target, eps=eps)
         else:
-            self._attack = ta.PGD(target, eps=eps, alpha=alpha, steps=steps,
-                                  random_start=random_start)
+            self._attack = ta.PGD(
+                target, eps=eps, alpha=alpha, steps=steps, random_start=random_start
+            )
 
     def __repr__(self) -> str:
         extra = f", alpha={self.alpha}, steps={self.steps}" if self.kind == "pgd" else ""
@@ -201,8 +217,9 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"attack(x, y) needs tensors, got {type(x).__name__} and "
-                            f"{type(y).__name__}")
+            raise TypeError(
+                f"attack(x, y) needs tensors, got {type(x).__name__} and {type(y).__name__}"
+            )
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x holds {x.shape[0]} samples but y {y.shape[0]} labels")
         dev = model_device(self.model)
@@ -216,10 +233,17 @@ class Attack:
         return self.from_pixels(adv.detach()).to(device=x.device, dtype=x.dtype)
 
 
-def make_attack(model: nn.Module, kind: str = "pgd", eps: float | None = None,
-                alpha: float | None = None, steps: int = DEFAULT_PGD_STEPS,
-                mean: Stats | None = None, std: Stats | None = None,
-                random_start: bool = True, seed: int = 0) -> Attack:
+def make_attack(
+    model: nn.Module,
+    kind: str = "pgd",
+    eps: float | None = None,
+    alpha: float | None = None,
+    steps: int = DEFAULT_PGD_STEPS,
+    mean: Stats | None = None,
+    std: Stats | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+) -> Attack:
     """An L-inf ``torchattacks`` attack on ``model`` as a callable ``(x, y) -> x_adv``.
 
     ``kind`` is ``"fgsm"`` or ``"pgd"``. ``eps`` (default :data:`DEFAULT_EPS`: 0.2 for FGSM,
@@ -236,8 +260,9 @@ def make_attack(model: nn.Module, kind: str = "pgd", eps: float | None = None,
     kind = kind.lower()
     eps = DEFAULT_EPS[kind] if eps is None else _check_number(eps, "eps")
     if not 0 < eps <= 1:
-        raise ValueError(f"eps is an L-inf budget in [0, 1] pixel units and must be in (0, 1], "
-                         f"got {eps}")
+        raise ValueError(
+            f"eps is an L-inf budget in [0, 1] pixel units and must be in (0, 1], got {eps}"
+        )
     if kind == "pgd":
         alpha = eps / 4 if alpha is None else _check_number(alpha, "alpha")
         if alpha <= 0:
@@ -252,13 +277,17 @@ def make_attack(model: nn.Module, kind: str = "pgd", eps: float | None = None,
         raise TypeError(f"random_start must be a bool, got {random_start!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    return Attack(model, kind, eps, alpha if kind == "pgd" else None, steps, mean, std,
-                  random_start, seed)
+    return Attack(
+        model, kind, eps, alpha if kind == "pgd" else None, steps, mean, std, random_start, seed
+    )
 
 
-def adversarial_dataset(model: nn.Module, dataset: Dataset,
-                        attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        batch_size: int = 256) -> TensorDataset:
+def adversarial_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+) -> TensorDataset:
     """``TensorDataset(x_adv, y)`` on the CPU, in the same order and input space as ``dataset``.
 
     ``attack`` is a callable ``(x, y) -> x_adv`` (e.g. :func:`make_attack` on ``model``); the
@@ -267,8 +296,10 @@ def adversarial_dataset(model: nn.Module, dataset: Dataset,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(attack):
-        raise TypeError(f"attack must be a callable (x, y) -> x_adv such as "
-                        f"make_attack(model), got {type(attack).__name__}")
+        raise TypeError(
+            f"attack must be a callable (x, y) -> x_adv such as "
+            f"make_attack(model), got {type(attack).__name__}"
+        )
     if isinstance(attack, Attack) and attack.model is not model:
         raise ValueError("attack was built for a different model; use make_attack(model, ...)")
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -278,9 +309,11 @@ def adversarial_dataset(model: nn.Module, dataset: Dataset,
         for x, y in make_loader(dataset, batch_size=batch_size):
             adv = attack(x, y)
             if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
-                raise ValueError(f"attack must return a tensor shaped like its input "
-                                 f"{tuple(x.shape)}, got "
-                                 f"{getattr(adv, 'shape', type(adv).__name__)}")
+                raise ValueError(
+                    f"attack must return a tensor shaped like its input "
+                    f"{tuple(x.shape)}, got "
+                    f"{getattr(adv, 'shape', type(adv).__name__)}"
+                )
             xs.append(adv.detach().cpu())
             ys.append(y.detach().cpu())
     return TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -303,32 +336,46 @@ class _Paired(Dataset):
 def _check_pair(clean: Dataset, adv: Dataset, what: str) -> None:
     for name, ds in ((f"clean_{what}", clean), (f"adv_{what}", adv)):
         if not isinstance(ds, Dataset):
-            raise TypeError(f"{name} must be a torch.utils.data.Dataset, got "
-                            f"{type(ds).__name__}")
+            raise TypeError(f"{name} must be a torch.utils.data.Dataset, got {type(ds).__name__}")
     n_clean, n_adv = len(clean), len(adv)  # type: ignore[arg-type]
     if n_clean != n_adv:
-        raise ValueError(f"clean_{what} has {n_clean} samples but adv_{what} {n_adv}; sample i "
-                         f"of adv_{what} must be the adversarial version of sample i of "
-                         f"clean_{what} (use adversarial_dataset(model, clean_{what}, attack))")
+        raise ValueError(
+            f"clean_{what} has {n_clean} samples but adv_{what} {n_adv}; sample i "
+            f"of adv_{what} must be the adversarial version of sample i of "
+            f"clean_{what} (use adversarial_dataset(model, clean_{what}, attack))"
+        )
     if n_clean == 0:
         raise ValueError(f"clean_{what} and adv_{what} are empty")
 
 
-def _batches(clean: Dataset, adv: Dataset, batch_size: int,
-             seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for xc, yc, xa, ya in make_loader(_Paired(clean, adv), batch_size=batch_size, shuffle=True,
-                                      seed=seed):
+def _batches(
+    clean: Dataset, adv: Dataset, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    for xc, yc, xa, ya in make_loader(
+        _Paired(clean, adv), batch_size=batch_size, shuffle=True, seed=seed
+    ):
         if not torch.equal(yc, ya):
-            raise ValueError("clean and adversarial training labels differ at the same index; "
-                             "adv_train must follow clean_train's order (build it with "
-                             "adversarial_dataset(model, clean_train, attack))")
+            raise ValueError(
+                "clean and adversarial training labels differ at the same index; "
+                "adv_train must follow clean_train's order (build it with "
+                "adversarial_dataset(model, clean_train, attack))"
+            )
         yield xc, xa, yc
 
 
-def readapt(model: nn.Module, slice: Slice | None, clean_train: Dataset, adv_train: Dataset,
-            epochs: int = 3, lr: float = 1e-3, batch_size: int = 128, train: str = "critical",
-            seed: int = 0, progress: bool = False,
-            device: str | torch.device | None = None) -> nn.Module:
+def readapt(
+    model: nn.Module,
+    slice: Slice | None,
+    clean_train: Dataset,
+    adv_train: Dataset,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    train: str = "critical",
+    seed: int = 0,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """Fine-tune a deep copy of ``model`` on ``CE(f(x), y) + CE(f(x_adv), y)`` with Adam.
 
     Sample i of ``adv_train`` must be the adversarial version of sample i of ``clean_train``;
@@ -341,8 +388,9 @@ def readapt(model: nn.Module, slice: Slice | None, clean_train: Dataset, adv_tra
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if slice is not None and not isinstance(slice, Slice):
-        raise TypeError(f"slice must be a neuslice.Slice or None (full training), got "
-                        f"{type(slice).__name__}")
+        raise TypeError(
+            f"slice must be a neuslice.Slice or None (full training), got {type(slice).__name__}"
+        )
     train = _check_train(train)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -383,11 +431,17 @@ class ReadaptResult:
     clean_accuracy: float
 
 
-def evaluate_readaptation(original: nn.Module, adapted: nn.Module, slice: Slice | None,
-                          test_clean: Dataset, test_adv: Dataset,
-                          attack_factory: Callable[[nn.Module], Callable[..., torch.Tensor]],
-                          method: str | None = None, train: str = "critical",
-                          batch_size: int = 256) -> ReadaptResult:
+def evaluate_readaptation(
+    original: nn.Module,
+    adapted: nn.Module,
+    slice: Slice | None,
+    test_clean: Dataset,
+    test_adv: Dataset,
+    attack_factory: Callable[[nn.Module], Callable[..., torch.Tensor]],
+    method: str | None = None,
+    train: str = "critical",
+    batch_size: int = 256,
+) -> ReadaptResult:
     """Score ``adapted`` (re-adapted from ``original`` with ``slice``; None = full training).
 
     ``test_adv`` holds the adversarial versions of ``test_clean`` made against ``original``
@@ -400,14 +454,19 @@ def evaluate_readaptation(original: nn.Module, adapted: nn.Module, slice: Slice 
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
     if model_fingerprint(original) != model_fingerprint(adapted):
-        raise ValueError("adapted must have the original model's architecture (layer names, "
-                         "shapes and types differ)")
+        raise ValueError(
+            "adapted must have the original model's architecture (layer names, "
+            "shapes and types differ)"
+        )
     if slice is not None and not isinstance(slice, Slice):
-        raise TypeError(f"slice must be a neuslice.Slice or None (full training), got "
-                        f"{type(slice).__name__}")
+        raise TypeError(
+            f"slice must be a neuslice.Slice or None (full training), got {type(slice).__name__}"
+        )
     if not callable(attack_factory):
-        raise TypeError("attack_factory must be a callable model -> attack, e.g. "
-                        "lambda m: make_attack(m, 'pgd')")
+        raise TypeError(
+            "attack_factory must be a callable model -> attack, e.g. "
+            "lambda m: make_attack(m, 'pgd')"
+        )
     train = _check_train(train)
     _check_pair(test_clean, test_adv, "test")
     if method is None:
@@ -415,7 +474,8 @@ def evaluate_readaptation(original: nn.Module, adapted: nn.Module, slice: Slice 
     tpr = 1.0 if slice is None else trainable_fraction(original, slice, train)
     ra = evaluate(adapted, test_adv, batch_size=batch_size)
     clean = evaluate(adapted, test_clean, batch_size=batch_size)
-    re_adv = adversarial_dataset(adapted, test_clean, attack_factory(adapted),
-                                 batch_size=batch_size)
+    re_adv = adversarial_dataset(
+        adapted, test_clean, attack_factory(adapted), batch_size=batch_size
+    )
     raa = evaluate(adapted, re_adv, batch_size=batch_size)
     return ReadaptResult(method=str(method), tpr=tpr, ra=ra, raa=raa, clean_accuracy=clean)

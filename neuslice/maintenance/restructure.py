@@ -45,7 +45,8 @@ def _import_tp():
     except ImportError as exc:
         raise ImportError(
             f"neuslice.restructure needs the torch-pruning package: {_INSTALL_HINT}. "
-            f"To evaluate a slice without it, use neuslice.masked(model, slice).") from exc
+            f"To evaluate a slice without it, use neuslice.masked(model, slice)."
+        ) from exc
     return tp
 
 
@@ -91,8 +92,11 @@ class _Group:
 def _grouped(m: nn.Module) -> bool:
     """A grouped (not depthwise) convolution: removing single channels breaks its groups."""
     groups = getattr(m, "groups", 1)
-    return isinstance(m, nn.modules.conv._ConvNd) and groups > 1 and \
-        not (groups == m.in_channels == m.out_channels)
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and groups > 1
+        and not (groups == m.in_channels == m.out_channels)
+    )
 
 
 def _pruning_group(dg, module: nn.Module, name: str, idxs: list[int]):
@@ -124,12 +128,20 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module) if module else model, attr)
 
 
-def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
-             modules: dict[str, nn.Module]) -> list[_Group]:
+def _analyse(
+    dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor], modules: dict[str, nn.Module]
+) -> list[_Group]:
     """Group the sliced layers by coupled output channels and decide what each group removes."""
     by_module = {id(modules[l.name]): l for l in layers}
-    sliceable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                 nn.ConvTranspose2d, nn.ConvTranspose3d)
+    sliceable = (
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
     names = {id(m): n for n, m in modules.items()}
     done: set[str] = set()
     groups = []
@@ -140,7 +152,8 @@ def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
         if module not in dg.module2node:
             raise ValueError(
                 f"layer {layer.name!r} is not used in the forward pass torch-pruning traced with "
-                f"example_inputs, so it cannot be restructured; use neuslice.masked instead.")
+                f"example_inputs, so it cannot be restructured; use neuslice.masked instead."
+            )
         group = _pruning_group(dg, module, layer.name, list(range(layer.num_neurons)))
         g = _Group(root=layer.name, size=layer.num_neurons, members={})
         chain_norms = set()
@@ -148,9 +161,11 @@ def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
             dep, target = item.dep, item.dep.target
             tmod = target.module
             if _grouped(tmod) and g.blocked is None:  # as producer or as consumer
-                g.blocked = (f"it is coupled to grouped convolution "
-                             f"{names.get(id(tmod), '?')!r} (groups={tmod.groups}), whose channels "
-                             f"torch-pruning cannot remove one by one")
+                g.blocked = (
+                    f"it is coupled to grouped convolution "
+                    f"{names.get(id(tmod), '?')!r} (groups={tmod.groups}), whose channels "
+                    f"torch-pruning cannot remove one by one"
+                )
             if not dg.is_out_channel_pruning_fn(dep.handler):
                 continue
             if not target.outputs and g.blocked is None:
@@ -163,8 +178,10 @@ def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
                 chain_norms.update(member.chain)
                 done.add(member.name)
             elif isinstance(tmod, sliceable) and g.blocked is None:
-                g.blocked = (f"it is coupled to layer {names.get(id(tmod), '?')!r}, which is "
-                             f"not in the slice")
+                g.blocked = (
+                    f"it is coupled to layer {names.get(id(tmod), '?')!r}, which is "
+                    f"not in the slice"
+                )
             elif isinstance(tmod, nn.modules.batchnorm._BatchNorm):
                 g.extra_norms.append(names.get(id(tmod), "?"))
         g.extra_norms = [n for n in g.extra_norms if n not in chain_norms]
@@ -172,13 +189,17 @@ def _analyse(dg, layers: list[SlicedLayer], masks: dict[str, torch.Tensor],
             needed = torch.zeros(g.size, dtype=torch.bool)
             for name, (idxs, roots) in g.members.items():
                 needed[torch.as_tensor(roots, dtype=torch.long)] |= masks[name][
-                    torch.as_tensor(idxs, dtype=torch.long)]
+                    torch.as_tensor(idxs, dtype=torch.long)
+                ]
             g.remove = torch.nonzero(~needed).flatten().tolist()
             if len(g.remove) == g.size:
                 keep = g.remove.pop(0)
                 logger.warning(
                     "every neuron of layer(s) %s is non-critical; torch-pruning cannot remove "
-                    "them all, so neuron %d is kept.", sorted(g.members), keep)
+                    "them all, so neuron %d is kept.",
+                    sorted(g.members),
+                    keep,
+                )
         groups.append(g)
     return groups
 
@@ -192,13 +213,16 @@ def _effective(slice: Slice, groups: list[_Group], layers: list[SlicedLayer]) ->
         removed = torch.zeros(g.size, dtype=torch.bool)
         removed[g.remove] = True
         for name, (idxs, roots) in g.members.items():
-            keep[name][torch.as_tensor(idxs, dtype=torch.long)] = \
-                ~removed[torch.as_tensor(roots, dtype=torch.long)]
+            keep[name][torch.as_tensor(idxs, dtype=torch.long)] = ~removed[
+                torch.as_tensor(roots, dtype=torch.long)
+            ]
     masks = {k: keep[k] for k in slice.masks}
     cat = None
     if slice.category_masks is not None:  # keep "masks = union of category masks"
-        cat = {k: v.bool().cpu() | (masks[k] & ~slice.masks[k].bool().cpu())
-               for k, v in slice.category_masks.items()}
+        cat = {
+            k: v.bool().cpu() | (masks[k] & ~slice.masks[k].bool().cpu())
+            for k, v in slice.category_masks.items()
+        }
     changed = [k for k in masks if not torch.equal(masks[k], slice.masks[k].bool().cpu())]
     notes = list(slice.notes)
     if changed:
@@ -206,8 +230,9 @@ def _effective(slice: Slice, groups: list[_Group], layers: list[SlicedLayer]) ->
     return dataclasses.replace(slice, masks=masks, category_masks=cat, notes=notes)
 
 
-def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
-                return_slice: bool = False) -> nn.Module | tuple[nn.Module, Slice]:
+def restructure(
+    model: nn.Module, slice: Slice, example_inputs: Any = None, *, return_slice: bool = False
+) -> nn.Module | tuple[nn.Module, Slice]:
     """A copy of ``model`` with the slice's non-critical neurons physically removed.
 
     ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) is
@@ -261,13 +286,16 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
     groups = _analyse(dg, layers, masks, modules)
     for g in groups:
         if g.blocked and any(not bool(masks[n].all()) for n in g.members):
-            logger.info("restructure: no neuron of %s is removed: %s.", sorted(g.members),
-                        g.blocked)
+            logger.info(
+                "restructure: no neuron of %s is removed: %s.", sorted(g.members), g.blocked
+            )
         if g.remove and g.extra_norms:
             logger.warning(
                 "restructure: channels of %s also pass through BatchNorm(s) %s that are not "
                 "right after a sliced layer; the restructured model then differs from masking.",
-                sorted(g.members), g.extra_norms)
+                sorted(g.members),
+                g.extra_norms,
+            )
 
     for g in groups:
         if not g.remove:
@@ -275,8 +303,11 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
         module = modules[g.root]
         group = _pruning_group(dg, module, g.root, g.remove)
         if not dg.check_pruning_group(group):
-            logger.warning("restructure: torch-pruning refuses to prune %s (it would empty a "
-                           "coupled layer); its neurons are all kept.", sorted(g.members))
+            logger.warning(
+                "restructure: torch-pruning refuses to prune %s (it would empty a "
+                "coupled layer); its neurons are all kept.",
+                sorted(g.members),
+            )
             g.remove = []
             continue
         try:
@@ -285,7 +316,8 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
             raise ValueError(
                 f"torch-pruning failed to remove neurons of layer {g.root!r} "
                 f"({type(exc).__name__}: {exc}); use neuslice.masked(model, slice) "
-                f"instead.") from exc
+                f"instead."
+            ) from exc
 
     for n, p in new.named_parameters():
         if n in frozen:
@@ -296,7 +328,8 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
             f"restructuring would untie the shared parameters {broken} of "
             f"{type(model).__name__} (torch-pruning thins each use separately). Keep the neurons "
             f"whose removal touches them (mark them critical, or leave their layers out of the "
-            f"slice), untie them in the model first, or use neuslice.masked(model, slice).")
+            f"slice), untie them in the model first, or use neuslice.masked(model, slice)."
+        )
     try:
         with torch.no_grad():
             after = _shapes(_forward(new, inputs))
@@ -304,11 +337,13 @@ def restructure(model: nn.Module, slice: Slice, example_inputs: Any = None, *,
         raise ValueError(
             f"the restructured {type(model).__name__} no longer runs ({type(exc).__name__}: "
             f"{exc}); its forward probably hard-codes a channel count. Use "
-            f"neuslice.masked(model, slice) instead.") from exc
+            f"neuslice.masked(model, slice) instead."
+        ) from exc
     if after != before:
         raise ValueError(
             f"restructuring changed {type(model).__name__}'s output shape from {before} to "
-            f"{after}; use neuslice.masked(model, slice) instead.")
+            f"{after}; use neuslice.masked(model, slice) instead."
+        )
     new.train(training)
     if not return_slice:
         return new

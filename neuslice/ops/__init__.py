@@ -14,11 +14,20 @@ from . import reference
 from .reference import ROUTES
 from .dispatch import BACKENDS, ENV_VAR, backend_report, select
 
-__all__ = ["block_gram_norms", "select", "backend_report", "BACKENDS", "ENV_VAR", "reference",
-           "ROUTES"]
+__all__ = [
+    "block_gram_norms",
+    "select",
+    "backend_report",
+    "BACKENDS",
+    "ENV_VAR",
+    "reference",
+    "ROUTES",
+]
 
 
-def block_gram_norms(x: torch.Tensor, route: str = "auto", backend: str | None = None) -> torch.Tensor:
+def block_gram_norms(
+    x: torch.Tensor, route: str = "auto", backend: str | None = None
+) -> torch.Tensor:
     """``M[i, j] = Σ_{a,b} (Σ_n x[n,i,a] x[n,j,b])²`` for ``x`` of shape ``(n, d, s)``.
 
     That is ``tr(G_i G_j)`` for the per-neuron Grams ``G_i = x_i x_iᵀ``: the un-normalised
@@ -30,8 +39,9 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto", backend: str | None =
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() != 3 or 0 in x.shape:
-        raise ValueError(f"x must have shape (n, d, s) with no empty dimension, got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (n, d, s) with no empty dimension, got {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if route not in ROUTES:

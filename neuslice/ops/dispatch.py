@@ -32,6 +32,7 @@ def _load_extension():
     """The compiled ``neuslice._C`` (registers ``torch.ops.neuslice.*``), or the import error."""
     try:
         from .. import _C  # noqa: F401
+
         return torch.ops.neuslice, None
     except Exception as exc:  # missing, or built against another torch
         return None, f"extension neuslice._C not importable ({type(exc).__name__}: {exc})"
@@ -41,6 +42,7 @@ def _load_extension():
 def _load_triton():
     try:
         from ..kernels import block_gram as mod  # imports triton
+
         return mod, None
     except Exception as exc:
         return None, f"triton not importable ({type(exc).__name__}: {exc})"
@@ -113,6 +115,7 @@ def _extension_has_cuda() -> bool:
         return False
     try:
         from .. import _C
+
         return bool(getattr(_C, "WITH_CUDA", False))
     except Exception:
         return False
@@ -120,17 +123,32 @@ def _extension_has_cuda() -> bool:
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", ("cuda",), _FLOATS, {"cuda": False},
-                    "not yet benchmarked against cuBLAS on a GPU (bench/bench_build_m.py)"),
-    "triton": Backend("triton", ("cuda",), _FLOATS, {"cuda": False, "cpu": False},
-                      "not yet benchmarked against cuBLAS on a GPU; on the CPU only the "
-                      "(slow) interpreter exists"),
+    "cuda": Backend(
+        "cuda",
+        ("cuda",),
+        _FLOATS,
+        {"cuda": False},
+        "not yet benchmarked against cuBLAS on a GPU (bench/bench_build_m.py)",
+    ),
+    "triton": Backend(
+        "triton",
+        ("cuda",),
+        _FLOATS,
+        {"cuda": False, "cpu": False},
+        "not yet benchmarked against cuBLAS on a GPU; on the CPU only the "
+        "(slow) interpreter exists",
+    ),
     # Dense layers (s = 1) are one BLAS matmul either way: measured 0.7-1.0x there, so the
     # automatic choice keeps them on the PyTorch route (bench/RESULTS.md).
-    "cpp": Backend("cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True},
-                   auto_min_positions=2),
-    "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu"), _FLOATS + (torch.float64,),
-                     {"cpu": True, "cuda": True, "mps": True, "xpu": True}),
+    "cpp": Backend(
+        "cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True}, auto_min_positions=2
+    ),
+    "torch": Backend(
+        "torch",
+        ("cpu", "cuda", "mps", "xpu"),
+        _FLOATS + (torch.float64,),
+        {"cpu": True, "cuda": True, "mps": True, "xpu": True},
+    ),
 }
 
 
@@ -139,19 +157,27 @@ def select(x: torch.Tensor, backend: str | None = None) -> Backend:
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice != "auto":
         if choice not in BACKENDS:
-            raise ValueError(f"unknown backend {choice!r} (from "
-                             f"{'backend=' if backend else ENV_VAR}); choose from "
-                             f"{['auto', *PRIORITY]}")
+            raise ValueError(
+                f"unknown backend {choice!r} (from "
+                f"{'backend=' if backend else ENV_VAR}); choose from "
+                f"{['auto', *PRIORITY]}"
+            )
         b = BACKENDS[choice]
         reasons = b.not_supported_reasons(x)
         if reasons:
-            raise RuntimeError(f"backend {choice!r} cannot run this input: " + "; ".join(reasons)
-                               + ". Use backend='auto' to fall back automatically.")
+            raise RuntimeError(
+                f"backend {choice!r} cannot run this input: "
+                + "; ".join(reasons)
+                + ". Use backend='auto' to fall back automatically."
+            )
         return b
     for name in PRIORITY:
         b = BACKENDS[name]
-        if b.default_on.get(x.device.type, False) and x.shape[-1] >= b.auto_min_positions \
-                and not b.not_supported_reasons(x):
+        if (
+            b.default_on.get(x.device.type, False)
+            and x.shape[-1] >= b.auto_min_positions
+            and not b.not_supported_reasons(x)
+        ):
             return b
     if x.dtype not in BACKENDS["torch"].dtypes:
         raise TypeError(f"no backend supports dtype {x.dtype}; use a floating-point tensor")
@@ -170,10 +196,13 @@ def backend_report(device: str = "cpu") -> list[tuple[str, bool, str]]:
         elif not b.default_on.get(probe.device.type, False):
             rows.append((name, True, f"available on explicit request only: {b.why_off}"))
         elif b.auto_min_positions > 1:
-            rows.append((name, True, f"used automatically for s >= {b.auto_min_positions} "
-                                     f"positions per neuron"))
+            rows.append(
+                (
+                    name,
+                    True,
+                    f"used automatically for s >= {b.auto_min_positions} positions per neuron",
+                )
+            )
         else:
             rows.append((name, True, "used automatically"))
     return rows
-
-

@@ -38,7 +38,7 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
         chunk = max(1, _BLOCK_ELEMS // max(1, s * s * d))
         for a0 in range(0, d, chunk):
             a1 = min(d, a0 + chunk)
-            c = flat[:, a0 * s:a1 * s].T @ flat
+            c = flat[:, a0 * s : a1 * s].T @ flat
             m[a0:a1] = c.reshape(a1 - a0, s, d, s).square().sum(dim=(1, 3))
         return m
     if route != "sample":
@@ -54,7 +54,7 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
     for bi, (a0, a1) in enumerate(blocks):
         va = grams(a0, a1)
         m[a0:a1, a0:a1] = va @ va.T
-        for b0, b1 in blocks[bi + 1:]:
+        for b0, b1 in blocks[bi + 1 :]:
             blk = va @ grams(b0, b1).T
             m[a0:a1, b0:b1] = blk
             m[b0:b1, a0:a1] = blk.T

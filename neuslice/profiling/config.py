@@ -64,37 +64,50 @@ class ProfileConfig:
         metrics = check_metrics(self.metrics)
         inserted = [m for m in metrics if m in INSERTED_METRICS]
         if inserted:
-            raise ValueError(f"metric(s) {inserted} are not computed by profiling: compute them "
-                             f"with neuslice.mutation_scores and insert them into the profile "
-                             f"with neuslice.add_mutation_scores(profile, scores).")
+            raise ValueError(
+                f"metric(s) {inserted} are not computed by profiling: compute them "
+                f"with neuslice.mutation_scores and insert them into the profile "
+                f"with neuslice.add_mutation_scores(profile, scores)."
+            )
         if "ens" in metrics:
             metrics = tuple(dict.fromkeys(metrics + ("avg", "var")))
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "hsic", bool(self.hsic))
         if self.hsic_route not in ("auto", "feature", "minibatch"):
-            raise ValueError(f"hsic_route must be 'auto', 'feature' or 'minibatch', got "
-                             f"{self.hsic_route!r}")
+            raise ValueError(
+                f"hsic_route must be 'auto', 'feature' or 'minibatch', got {self.hsic_route!r}"
+            )
         if _not_int(self.cka_batch) or self.cka_batch < 4:
-            raise ValueError(f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 "
-                             f"samples), got {self.cka_batch!r}")
+            raise ValueError(
+                f"cka_batch must be an int >= 4 (the unbiased HSIC needs 4 "
+                f"samples), got {self.cka_batch!r}"
+            )
         if _not_int(self.max_feature_dim) or self.max_feature_dim < 1:
-            raise ValueError(f"max_feature_dim must be a positive int, got "
-                             f"{self.max_feature_dim!r}")
-        if isinstance(self.max_memory_gb, bool) or \
-                not isinstance(self.max_memory_gb, (int, float)) or not self.max_memory_gb > 0:
-            raise ValueError(f"max_memory_gb must be a positive number, got "
-                             f"{self.max_memory_gb!r}")
+            raise ValueError(
+                f"max_feature_dim must be a positive int, got {self.max_feature_dim!r}"
+            )
+        if (
+            isinstance(self.max_memory_gb, bool)
+            or not isinstance(self.max_memory_gb, (int, float))
+            or not self.max_memory_gb > 0
+        ):
+            raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb!r}")
         if self.category_order not in ("any", "grouped"):
-            raise ValueError(f"category_order must be 'any' or 'grouped' (data sorted by "
-                             f"category, e.g. with neuslice.runtime.CategoryGroupedSampler), got "
-                             f"{self.category_order!r}")
+            raise ValueError(
+                f"category_order must be 'any' or 'grouped' (data sorted by "
+                f"category, e.g. with neuslice.runtime.CategoryGroupedSampler), got "
+                f"{self.category_order!r}"
+            )
         if self.autocast not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got "
-                             f"{self.autocast!r}")
+            raise ValueError(
+                f"autocast must be None, torch.bfloat16 or torch.float16, got {self.autocast!r}"
+            )
         if self.output_fn is not None and not callable(self.output_fn):
-            raise TypeError(f"output_fn must be a callable mapping the model's output to its "
-                            f"logits (e.g. lambda out: out['logits']) or None, got "
-                            f"{type(self.output_fn).__name__}")
+            raise TypeError(
+                f"output_fn must be a callable mapping the model's output to its "
+                f"logits (e.g. lambda out: out['logits']) or None, got "
+                f"{type(self.output_fn).__name__}"
+            )
         if self.keep_hsic is not None:
             object.__setattr__(self, "keep_hsic", bool(self.keep_hsic))
 
@@ -104,11 +117,12 @@ class ProfileConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise TypeError(f"unknown profiling option(s) {unknown}; the options are the fields "
-                            f"of neuslice.ProfileConfig: {sorted(names)}")
+            raise TypeError(
+                f"unknown profiling option(s) {unknown}; the options are the fields "
+                f"of neuslice.ProfileConfig: {sorted(names)}"
+            )
         if config is not None and not isinstance(config, ProfileConfig):
-            raise TypeError(f"config must be a neuslice.ProfileConfig, got "
-                            f"{type(config).__name__}")
+            raise TypeError(f"config must be a neuslice.ProfileConfig, got {type(config).__name__}")
         if isinstance(options.get("metrics"), str):
             options["metrics"] = (options["metrics"],)
         elif isinstance(options.get("metrics"), Sequence):
@@ -136,10 +150,17 @@ class PassConfig(ProfileConfig):
 
     def key(self) -> dict:
         """What decides the result (checkpoints and ranks must agree on it)."""
-        return {"num_classes": self.num_classes, "metrics": list(self.metrics),
-                "hsic": self.hsic, "hsic_route": self.hsic_route, "cka_batch": self.cka_batch,
-                "max_feature_dim": self.max_feature_dim, "category_order": self.category_order,
-                "keep_hsic": self.keep_hsic, "autocast": str(self.autocast)}
+        return {
+            "num_classes": self.num_classes,
+            "metrics": list(self.metrics),
+            "hsic": self.hsic,
+            "hsic_route": self.hsic_route,
+            "cka_batch": self.cka_batch,
+            "max_feature_dim": self.max_feature_dim,
+            "category_order": self.category_order,
+            "keep_hsic": self.keep_hsic,
+            "autocast": str(self.autocast),
+        }
 
 
 def _not_int(v) -> bool:

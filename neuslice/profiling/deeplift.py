@@ -30,8 +30,22 @@ __all__ = ["rescale_rule", "RESCALE_TYPES", "EPS"]
 EPS = 1e-10
 
 RESCALE_TYPES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.PReLU,
 )
 
 
@@ -68,7 +82,8 @@ class _Rule:
         if base is None or base[0].shape[1:] != x.shape[1:]:
             raise RuntimeError(
                 "DeepLIFT: the model ran a different sequence of activations on the baseline "
-                "than on the inputs (data-dependent control flow is not supported).")
+                "than on the inputs (data-dependent control flow is not supported)."
+            )
         wide = torch.promote_types(x.dtype, torch.float32)  # EPS underflows in float16
         return x.detach().to(wide) - base[0].to(wide)
 
@@ -95,9 +110,11 @@ class _Rule:
 
 
 _RESCALE_FUNCTIONS = frozenset(ACT_FUNCTIONS) | frozenset(
-    getattr(torch.Tensor, name) for name in ACT_METHODS)
-_INPLACE_FUNCTIONS = frozenset([torch.relu_] + [
-    getattr(torch.Tensor, name) for name in ACT_METHODS if name.endswith("_")])
+    getattr(torch.Tensor, name) for name in ACT_METHODS
+)
+_INPLACE_FUNCTIONS = frozenset(
+    [torch.relu_] + [getattr(torch.Tensor, name) for name in ACT_METHODS if name.endswith("_")]
+)
 
 
 class _RescaleFunctions(TorchFunctionMode):
@@ -111,8 +128,14 @@ class _RescaleFunctions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rule = self.rule
-        if func not in _RESCALE_FUNCTIONS or rule.mode is None or rule.inside or not args \
-                or not torch.is_tensor(args[0]) or args[0].dim() == 0:
+        if (
+            func not in _RESCALE_FUNCTIONS
+            or rule.mode is None
+            or rule.inside
+            or not args
+            or not torch.is_tensor(args[0])
+            or args[0].dim() == 0
+        ):
             return func(*args, **kwargs)
         key = rule.key("functional")
         saved = rule.before(key, args[0])

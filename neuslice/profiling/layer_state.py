@@ -28,24 +28,40 @@ class LayerState:
         c, d = cfg.num_classes, layer.num_neurons
         self.moments = MomentAccumulator(c, d, device)
         z = lambda *shape: torch.zeros(*shape, dtype=ACC, device=device)  # noqa: E731
-        self.sums = {"taylor": z(c, d), "taylor_batches": z(c), "taylor_act": z(c, d),
-                     "deeplift": z(c, d), "taylor_all": z(d), "taylor_all_batches": z(())}
-        self.route = pick_hsic_route(d, positions, cfg.hsic_route, cfg.cka_batch,
-                                  cfg.max_feature_dim) if cfg.hsic else None
+        self.sums = {
+            "taylor": z(c, d),
+            "taylor_batches": z(c),
+            "taylor_act": z(c, d),
+            "deeplift": z(c, d),
+            "taylor_all": z(d),
+            "taylor_all_batches": z(()),
+        }
+        self.route = (
+            pick_hsic_route(d, positions, cfg.hsic_route, cfg.cka_batch, cfg.max_feature_dim)
+            if cfg.hsic
+            else None
+        )
         self.grouped = cfg.category_order == "grouped"
         self.acc = self.new_acc(c) if cfg.hsic and not self.grouped else None
         self.open: dict[int, object] = {}  # grouped: category -> 1-slot accumulator
         self.hsic_weight = z(c)
         self.hsic = z(c, d, d) if cfg.hsic and cfg.keep_hsic else None
-        self.curves = ({m: torch.full((c, d), float("nan"), dtype=ACC, device=device)
-                        for m in scorable(cfg.metrics)} if cfg.hsic and not cfg.keep_hsic else {})
+        self.curves = (
+            {
+                m: torch.full((c, d), float("nan"), dtype=ACC, device=device)
+                for m in scorable(cfg.metrics)
+            }
+            if cfg.hsic and not cfg.keep_hsic
+            else {}
+        )
 
     # ---- accumulation ------------------------------------------------------------------
     def new_acc(self, slots: int):
         d = self.layer.num_neurons
         if self.route == "feature":
-            return CovarianceAccumulator(slots, d * self.positions, self.device,
-                                         accumulation_dtype(self.feature_dtype))
+            return CovarianceAccumulator(
+                slots, d * self.positions, self.device, accumulation_dtype(self.feature_dtype)
+            )
         backend = self.cfg.backend
         fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=backend)  # noqa: E731
         return MinibatchHSICAccumulator(slots, d, self.cfg.cka_batch, fn, self.device)
@@ -64,8 +80,9 @@ class LayerState:
             if k not in self.open:
                 self.open[k] = self.new_acc(1)
             sel = y == k
-            self._feed(self.open[k], a[sel], torch.zeros(int(sel.sum()), dtype=torch.long,
-                                                         device=y.device))
+            self._feed(
+                self.open[k], a[sel], torch.zeros(int(sel.sum()), dtype=torch.long, device=y.device)
+            )
 
     # ---- reduction over ranks ------------------------------------------------------------
     def reduce_items(self, acc, rows: slice | None, whole: bool):
@@ -144,8 +161,10 @@ class LayerState:
 
         def acc_state(acc):
             st = acc.state_dict()
-            return {k: ([[cpu(t) for t in b] for b in v] if k == "buffers" else cpu(v))
-                    for k, v in st.items()}
+            return {
+                k: ([[cpu(t) for t in b] for b in v] if k == "buffers" else cpu(v))
+                for k, v in st.items()
+            }
 
         return {
             "moments": {k: cpu(v) for k, v in self.moments.state_dict().items()},

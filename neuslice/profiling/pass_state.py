@@ -44,7 +44,8 @@ class PassState:
                 f"category_order='grouped' needs the data sorted by category, but the labels "
                 f"decrease in batch {index} (previous label {prev}, batch labels start "
                 f"{y[:8].tolist()}). Sort the data with neuslice.experiments.data.CategoryGroupedSampler or "
-                f"use category_order='any'.")
+                f"use category_order='any'."
+            )
         if y.numel():
             self.last_label = int(y[-1])
 
@@ -55,8 +56,12 @@ class PassState:
                 continue
             accs = {n: st.take(c) for n, st in self.states.items()}
             if self.reducer is not None:
-                self._reduce([st.reduce_items(accs[n], slice(c, c + 1), whole=False)
-                              for n, st in self.states.items()])
+                self._reduce(
+                    [
+                        st.reduce_items(accs[n], slice(c, c + 1), whole=False)
+                        for n, st in self.states.items()
+                    ]
+                )
             for n, st in self.states.items():
                 st.store(accs[n], [c])
         self.frontier = max(self.frontier, upto)
@@ -76,8 +81,12 @@ class PassState:
             self.planned_open = n_open
             est = plan(n_open)
             if est.total > budget_gb * GiB:
-                raise budget_error(est, budget_gb, self.cfg, f"{n_open} categories are open "
-                                    f"at once (a batch spans that many categories); ")
+                raise budget_error(
+                    est,
+                    budget_gb,
+                    self.cfg,
+                    f"{n_open} categories are open at once (a batch spans that many categories); ",
+                )
 
     def sync(self, done: bool) -> bool:
         """Several ranks, grouped order: once per batch, every rank finishes the categories all
@@ -96,21 +105,31 @@ class PassState:
             if self.cfg.hsic:
                 self.finish_categories(c)
             if self.reducer is not None:
-                self._reduce([st.reduce_items(None, None if self.cfg.hsic else slice(0, c), True)
-                              for st in self.states.values()])
+                self._reduce(
+                    [
+                        st.reduce_items(None, None if self.cfg.hsic else slice(0, c), True)
+                        for st in self.states.values()
+                    ]
+                )
             return
         if self.reducer is not None:
             for st in self.states.values():
                 st.acc.finalize()
-            self._reduce([st.reduce_items(st.acc, slice(0, c), True)
-                          for st in self.states.values()])
+            self._reduce(
+                [st.reduce_items(st.acc, slice(0, c), True) for st in self.states.values()]
+            )
         for st in self.states.values():
             st.store(st.acc, list(range(c)))
 
     def state_dict(self) -> dict:
-        return {"frontier": self.frontier, "last_label": self.last_label, "rounds": self.rounds,
-                "batches": self.batches, "digest": self.digest,
-                "states": {n: st.state_dict() for n, st in self.states.items()}}
+        return {
+            "frontier": self.frontier,
+            "last_label": self.last_label,
+            "rounds": self.rounds,
+            "batches": self.batches,
+            "digest": self.digest,
+            "states": {n: st.state_dict() for n, st in self.states.items()},
+        }
 
     def load_state_dict(self, blob: dict) -> None:
         self.frontier, self.batches = int(blob["frontier"]), int(blob["batches"])
@@ -124,11 +143,19 @@ def resume_blob(resume, reducer, rank: int, world: int, synced: bool, expect: di
     rpath = ckpt.rank_path(resume, rank, world)
     if synced:  # every rank resumes from the same round
         have = ckpt.generations(rpath)
-        common = set.intersection(*(set(h) for h in reducer.gather_objects(
-            sorted(have), "agreeing on the checkpoint round to resume from")))
+        common = set.intersection(
+            *(
+                set(h)
+                for h in reducer.gather_objects(
+                    sorted(have), "agreeing on the checkpoint round to resume from"
+                )
+            )
+        )
         if not common:
-            raise ValueError(f"cannot resume from {rpath}: the ranks' checkpoints have no round "
-                             f"in common; start without resume=.")
+            raise ValueError(
+                f"cannot resume from {rpath}: the ranks' checkpoints have no round "
+                f"in common; start without resume=."
+            )
         rpath = have[max(common)]
     blob = ckpt.load(rpath)
     ckpt.check_compatible(blob, expect, rpath)

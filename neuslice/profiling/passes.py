@@ -19,16 +19,22 @@ from .stats import ACC
 def split_batch(batch, num_classes: int, index: int):
     """``(inputs, labels)`` of batch ``index``, the labels checked as class indices."""
     x, y = batch_pair(batch, index, "labels")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or \
-            y.shape[0] != x.shape[0]:
+    if (
+        y.dtype.is_floating_point
+        or y.dtype == torch.bool
+        or y.dim() != 1
+        or y.shape[0] != x.shape[0]
+    ):
         raise ValueError(
             f"batch {index}: labels must be a 1-D integer tensor with one class index per input "
-            f"(got dtype {y.dtype}, shape {tuple(y.shape)} for {x.shape[0]} inputs).")
+            f"(got dtype {y.dtype}, shape {tuple(y.shape)} for {x.shape[0]} inputs)."
+        )
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
             f"batch {index}: labels must lie in [0, {num_classes}) (num_classes={num_classes}); "
             f"found values in [{int(y.min())}, {int(y.max())}]. Pass the right num_classes or "
-            f"remap the labels.")
+            f"remap the labels."
+        )
     return x, y.long()
 
 
@@ -42,7 +48,8 @@ def model_logits(out, cfg) -> torch.Tensor:
             f"Taylor and DeepLIFT need the model's classification logits, but {where} a "
             f"{type(logits).__name__}. Pass output_fn= to neuslice.profile to pick them, e.g. "
             f"output_fn=lambda out: out['logits'] for a dict or out[0] for a tuple "
-            f"(logits, aux).")
+            f"(logits, aux)."
+        )
     return logits
 
 
@@ -50,7 +57,8 @@ def check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
     if logits.dim() != 2 or logits.shape[1] < num_classes:
         raise ValueError(
             f"{metric} needs classification logits of shape (batch, num_classes={num_classes}); "
-            f"the model returned shape {tuple(logits.shape)}.")
+            f"the model returned shape {tuple(logits.shape)}."
+        )
 
 
 def check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
@@ -59,7 +67,8 @@ def check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
     if not torch.isfinite(values).all():
         raise ValueError(
             f"layer {layer.name!r} produced NaN/Inf {what}; check the model's weights and the "
-            f"inputs (normalisation, overflow in half precision).")
+            f"inputs (normalisation, overflow in half precision)."
+        )
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
@@ -92,6 +101,7 @@ def probe_positions(model, layers, x: torch.Tensor, autocast=None):
         def cb(out):
             kept[layer.name] = out
             return out
+
         return cb
 
     with torch.no_grad(), hooks_at(model, [(l.hook_module, l.call_index, keep(l)) for l in layers]):
@@ -122,6 +132,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
                 out = grad_leaf(out)
             kept[layer.name][key] = out
             return out.clone()  # the model gets a copy; ours is never modified in place
+
         return cb
 
     for l in layers:
@@ -187,14 +198,17 @@ def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
     for (l, key), t, g in zip(owners, targets, grads):
         g = torch.zeros_like(t) if g is None else g
         wd = accumulation_dtype(t)
-        per[(l.name, key)] = (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
+        per[(l.name, key)] = (
+            (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
+        )
     cats, inv, n_b = torch.unique(y, return_inverse=True, return_counts=True)  # present ones
     for l in layers:
         st = states[l.name]
         if "taylor" in cfg.metrics:
             t = per[(l.name, "z")] + per.get((l.name, "u"), 0)
-            sums = torch.zeros(cats.numel(), t.shape[1], dtype=ACC,
-                               device=t.device).index_add_(0, inv, t)
+            sums = torch.zeros(cats.numel(), t.shape[1], dtype=ACC, device=t.device).index_add_(
+                0, inv, t
+            )
             st.sums["taylor"][cats] += (sums / n_b.unsqueeze(1).to(ACC)).square()
             st.sums["taylor_batches"][cats] += 1
             st.sums["taylor_all"] += (t.sum(0) / t.shape[0]).square()

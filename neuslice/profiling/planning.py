@@ -19,23 +19,37 @@ from .scores import scorable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["budget_error", "plan_memory", "model_bytes", "probe_batch_bytes", "layer_shapes", "check_ranks_agree", "collect"]
+__all__ = [
+    "budget_error",
+    "plan_memory",
+    "model_bytes",
+    "probe_batch_bytes",
+    "layer_shapes",
+    "check_ranks_agree",
+    "collect",
+]
 
 
 def budget_error(est, budget_gb: float, cfg: PassConfig, why: str = "") -> MemoryBudgetError:
     hints = []
     if cfg.category_order == "any" and cfg.hsic and cfg.num_classes > 2:
-        hints.append("category_order='grouped' with the data sorted by category "
-                     "(neuslice.experiments.data.CategoryGroupedSampler) keeps HSIC accumulators only for the "
-                     "categories in progress")
+        hints.append(
+            "category_order='grouped' with the data sorted by category "
+            "(neuslice.experiments.data.CategoryGroupedSampler) keeps HSIC accumulators only for the "
+            "categories in progress"
+        )
     if cfg.keep_hsic and cfg.hsic:
-        hints.append("keep_hsic=False stores CKA prefix curves (d values per metric) instead of "
-                     "d x d matrices")
-    hints.append("a smaller cka_batch, hsic_route='minibatch', fewer layers, or a larger "
-                 "max_memory_gb")
+        hints.append(
+            "keep_hsic=False stores CKA prefix curves (d values per metric) instead of "
+            "d x d matrices"
+        )
+    hints.append(
+        "a smaller cka_batch, hsic_route='minibatch', fewer layers, or a larger max_memory_gb"
+    )
     return MemoryBudgetError(
         f"{why}neuslice.profile would need about {est.total / GiB:.2f} GiB, over "
-        f"max_memory_gb={budget_gb}.\n{est.table()}\nTo fit: " + "; ".join(hints) + ".")
+        f"max_memory_gb={budget_gb}.\n{est.table()}\nTo fit: " + "; ".join(hints) + "."
+    )
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -71,8 +85,11 @@ def probe_batch_bytes(model: nn.Module, sliced, x: torch.Tensor, cfg: PassConfig
 
     want_grad = bool({"taylor", "taylor_act", "deeplift"} & set(cfg.metrics))
     points = [(l.hook_module, l.call_index, keep) for l in sliced]
-    with torch.set_grad_enabled(want_grad), hooks_at(model, points), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.set_grad_enabled(want_grad),
+        hooks_at(model, points),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         xx = x.detach().requires_grad_(want_grad) if x.is_floating_point() else x
         with autocast_ctx(x.device, cfg.autocast):
             logits = model(xx)
@@ -84,15 +101,30 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def plan_memory(sliced, positions, cfg: PassConfig, batch_size: int, open_categories: int = 2,
-                model_bytes: int = 0, batch_bytes: int = 0):
-    return estimate([(l.name, l.num_neurons, positions[l.name]) for l in sliced],
-                    cfg.num_classes, hsic=cfg.hsic, hsic_route=cfg.hsic_route,
-                    cka_batch=cfg.cka_batch, max_feature_dim=cfg.max_feature_dim,
-                    category_order=cfg.category_order, keep_hsic=cfg.keep_hsic,
-                    num_metrics=len(scorable(cfg.metrics)), batch_size=batch_size,
-                    open_categories=open_categories, model_bytes=model_bytes,
-                    batch_bytes=batch_bytes)
+def plan_memory(
+    sliced,
+    positions,
+    cfg: PassConfig,
+    batch_size: int,
+    open_categories: int = 2,
+    model_bytes: int = 0,
+    batch_bytes: int = 0,
+):
+    return estimate(
+        [(l.name, l.num_neurons, positions[l.name]) for l in sliced],
+        cfg.num_classes,
+        hsic=cfg.hsic,
+        hsic_route=cfg.hsic_route,
+        cka_batch=cfg.cka_batch,
+        max_feature_dim=cfg.max_feature_dim,
+        category_order=cfg.category_order,
+        keep_hsic=cfg.keep_hsic,
+        num_metrics=len(scorable(cfg.metrics)),
+        batch_size=batch_size,
+        open_categories=open_categories,
+        model_bytes=model_bytes,
+        batch_bytes=batch_bytes,
+    )
 
 
 def layer_shapes(model, sliced, first, reducer, autocast):
@@ -105,8 +137,10 @@ def layer_shapes(model, sliced, first, reducer, autocast):
     if reducer is not None:
         known = [s for s in reducer.gather_objects(shapes, "exchanging layer shapes") if s]
         if known and any(s != known[0] for s in known):
-            raise ValueError(f"ranks disagree on the layers' output shapes or input shape "
-                             f"({known}); every rank must feed inputs of the same shape.")
+            raise ValueError(
+                f"ranks disagree on the layers' output shapes or input shape "
+                f"({known}); every rank must feed inputs of the same shape."
+            )
         shapes = known[0] if known else None
     if shapes is None:
         raise ValueError("the loader yielded no samples; profiling needs data.")
@@ -118,10 +152,14 @@ def check_ranks_agree(reducer, what: dict) -> None:
     seen = reducer.gather_objects(what)
     for r, other in enumerate(seen):
         if other != seen[0]:
-            diff = {k: (seen[0].get(k), other.get(k)) for k in what if seen[0].get(k) != other.get(k)}
-            raise ValueError(f"rank {r} profiles with different settings than rank 0: "
-                             f"{json.dumps(diff, default=str)}. Every rank must call "
-                             f"neuslice.profile with the same model and arguments.")
+            diff = {
+                k: (seen[0].get(k), other.get(k)) for k in what if seen[0].get(k) != other.get(k)
+            }
+            raise ValueError(
+                f"rank {r} profiles with different settings than rank 0: "
+                f"{json.dumps(diff, default=str)}. Every rank must call "
+                f"neuslice.profile with the same model and arguments."
+            )
 
 
 def collect(sliced, states, hsic: bool):
@@ -133,21 +171,26 @@ def collect(sliced, states, hsic: bool):
         tensors.update({f"{l.name}.{k}": v for k, v in st.tensors().items()})
         dead = (st.moments.m2 <= 0) & (st.moments.count.unsqueeze(1) > 1)
         if bool(dead.any()):
-            warnings.append(f"layer {l.name}: constant (dead) neurons per category: "
-                            f"{dead.sum(1).tolist()}")
+            warnings.append(
+                f"layer {l.name}: constant (dead) neurons per category: {dead.sum(1).tolist()}"
+            )
             logger.info(warnings[-1])
     routes = {l.name: states[l.name].route for l in sliced} if hsic else {}
     counts = states[sliced[0].name].moments.count.tolist()
     need = 2 if all(r == "feature" for r in routes.values()) else 4
     small = [k for k, n in enumerate(counts) if 0 < n < need]  # absent ones: no warning
     if hsic and small:
-        warnings.append(f"categories {small} have fewer than {need} samples "
-                        f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
-                        f"slicing skips them.")
+        warnings.append(
+            f"categories {small} have fewer than {need} samples "
+            f"(counts {[counts[k] for k in small]}): no CKA for them; semantic "
+            f"slicing skips them."
+        )
         logger.warning(warnings[-1])
     absent = [k for k, n in enumerate(counts) if n == 0]
     if absent:  # expected when profiling a subset of the classes (e.g. one task)
-        warnings.append(f"categories {absent} have no samples in this data; they get no "
-                        f"scores of their own and slicing skips them.")
+        warnings.append(
+            f"categories {absent} have no samples in this data; they get no "
+            f"scores of their own and slicing skips them."
+        )
         logger.info(warnings[-1])
     return tensors, warnings, routes

@@ -42,15 +42,28 @@ from .config import PassConfig, ProfileConfig
 from .layer_state import LayerState
 from .pass_state import PassState, resume_blob
 from .passes import forward_pass, probe_positions, split_batch
-from .planning import (budget_error, check_ranks_agree, collect, layer_shapes, model_bytes,
-                       plan_memory, probe_batch_bytes)
+from .planning import (
+    budget_error,
+    check_ranks_agree,
+    collect,
+    layer_shapes,
+    model_bytes,
+    plan_memory,
+    probe_batch_bytes,
+)
 from .result import Profile
 from .scores import ALL_METRICS, METRICS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["profile", "Profile", "ProfileConfig", "METRICS", "ALL_METRICS",
-           "estimate_profile_memory"]
+__all__ = [
+    "profile",
+    "Profile",
+    "ProfileConfig",
+    "METRICS",
+    "ALL_METRICS",
+    "estimate_profile_memory",
+]
 
 
 @dataclass
@@ -79,8 +92,7 @@ class _Pass:
     @property
     def synced(self) -> bool:
         """Several ranks in grouped order finish categories in lock-step."""
-        return (self.reducer is not None and self.cfg.category_order == "grouped"
-                and self.cfg.hsic)
+        return self.reducer is not None and self.cfg.category_order == "grouped" and self.cfg.hsic
 
 
 def _work_model(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
@@ -90,16 +102,31 @@ def _work_model(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
     return (model if device == home else copy.deepcopy(model).to(device)), device
 
 
-def _plan(model, work_model, device, loader_iter, sliced_names, cfg: PassConfig, reducer,
-          checkpoint, resume) -> _Pass:
+def _plan(
+    model,
+    work_model,
+    device,
+    loader_iter,
+    sliced_names,
+    cfg: PassConfig,
+    reducer,
+    checkpoint,
+    resume,
+) -> _Pass:
     rank, world = (reducer.rank, reducer.world) if reducer else (0, 1)
     fingerprint = model_fingerprint(model)
     sliced = find_layers(work_model, sliced_names)
     if reducer is not None:
-        check_ranks_agree(reducer, {"fingerprint": fingerprint,
-                                    "layers": [l.name for l in sliced], "config": cfg.key(),
-                                    "resume": resume is not None,
-                                    "checkpoint": checkpoint is not None})
+        check_ranks_agree(
+            reducer,
+            {
+                "fingerprint": fingerprint,
+                "layers": [l.name for l in sliced],
+                "config": cfg.key(),
+                "resume": resume is not None,
+                "checkpoint": checkpoint is not None,
+            },
+        )
     read = []
     for batch in loader_iter:  # find the first non-empty batch for the shapes
         read.append(split_batch(batch, cfg.num_classes, len(read)))
@@ -108,33 +135,54 @@ def _plan(model, work_model, device, loader_iter, sliced_names, cfg: PassConfig,
     first = next((b for b in read if b[0].shape[0]), None)
     if first is not None:
         first = (first[0].to(device), first[1])
-    positions, feat_dtype, input_shape = layer_shapes(work_model, sliced, first, reducer,
-                                                      cfg.autocast)
+    positions, feat_dtype, input_shape = layer_shapes(
+        work_model, sliced, first, reducer, cfg.autocast
+    )
     batch_size = max([b[0].shape[0] for b in read] + [1])
     weights = model_bytes(work_model) * (1 if work_model is model else 2)
     in_flight = 0
     if first is not None:
-        in_flight = probe_batch_bytes(work_model, sliced, first[0], cfg) * batch_size \
+        in_flight = (
+            probe_batch_bytes(work_model, sliced, first[0], cfg)
+            * batch_size
             // max(first[0].shape[0], 1)
+        )
 
     def plan(open_categories=2):
-        return plan_memory(sliced, positions, cfg, batch_size, open_categories, weights,
-                           in_flight)
+        return plan_memory(sliced, positions, cfg, batch_size, open_categories, weights, in_flight)
 
     est = plan()
     if est.total > cfg.max_memory_gb * GiB:
         raise budget_error(est, cfg.max_memory_gb, cfg)
     logger.info("%s", est.table())
-    states = {l.name: LayerState(l, positions[l.name], cfg, device,
-                                    accumulation_dtype(feat_dtype))
-              for l in sliced}
-    p = _Pass(work_model, sliced, cfg, device, reducer, rank, world, fingerprint, input_shape,
-              itertools.chain(read, loader_iter), len(read), plan)
+    states = {
+        l.name: LayerState(l, positions[l.name], cfg, device, accumulation_dtype(feat_dtype))
+        for l in sliced
+    }
+    p = _Pass(
+        work_model,
+        sliced,
+        cfg,
+        device,
+        reducer,
+        rank,
+        world,
+        fingerprint,
+        input_shape,
+        itertools.chain(read, loader_iter),
+        len(read),
+        plan,
+    )
     p.state = PassState(states, cfg, reducer)
     if checkpoint is not None or resume is not None:
-        p.expect = {"fingerprint": fingerprint, "weights": ckpt.weights_digest(model),
-                    "layers": [l.name for l in sliced], "config": cfg.key(),
-                    "positions": positions, "world": [rank, world]}
+        p.expect = {
+            "fingerprint": fingerprint,
+            "weights": ckpt.weights_digest(model),
+            "layers": [l.name for l in sliced],
+            "config": cfg.key(),
+            "positions": positions,
+            "world": [rank, world],
+        }
     if resume is not None:
         p.resumed_from, blob = resume_blob(resume, reducer, rank, world, p.synced, p.expect)
         p.state.load_state_dict(blob)
@@ -150,8 +198,9 @@ def _consume(p: _Pass, checkpoint, checkpoint_every: int) -> None:
     saved = False
 
     def save():
-        ckpt.save(cpath, {**p.expect, **run.state_dict(), "timings": p.timings},
-                  keep_previous=p.synced)
+        ckpt.save(
+            cpath, {**p.expect, **run.state_dict(), "timings": p.timings}, keep_previous=p.synced
+        )
 
     digest = ""
     i = -1
@@ -165,7 +214,8 @@ def _consume(p: _Pass, checkpoint, checkpoint_every: int) -> None:
                     f"cannot resume from {p.resumed_from}: the loader yields different data or "
                     f"a different order than the run that wrote it (digest of the first "
                     f"{p.skip} batches differs). Use the same dataset, sampler seed and batch "
-                    f"size.")
+                    f"size."
+                )
             continue
         if x.shape[0]:
             x, y = x.to(p.device), y.to(p.device)
@@ -187,17 +237,24 @@ def _consume(p: _Pass, checkpoint, checkpoint_every: int) -> None:
             save()
             saved = True
     if i < p.skip - 1:
-        raise ValueError(f"cannot resume from {p.resumed_from}: it has consumed {p.skip} batches "
-                         f"but the loader yields only {i + 1}. Use the same data and batch size.")
+        raise ValueError(
+            f"cannot resume from {p.resumed_from}: it has consumed {p.skip} batches "
+            f"but the loader yields only {i + 1}. Use the same data and batch size."
+        )
     while p.synced and not run.sync(done=True):  # keep step with ranks that have more data
         if cpath is not None and run.rounds % checkpoint_every == 0:
             save()
             saved = True
     if cpath is not None and not saved:
         steps = run.rounds if p.synced else run.batches
-        logger.warning("checkpoint_every=%d exceeds the %d batches this run saw: no checkpoint "
-                       "was written to %s. Use checkpoint_every <= %d to have one.",
-                       checkpoint_every, steps, cpath, max(steps, 1))
+        logger.warning(
+            "checkpoint_every=%d exceeds the %d batches this run saw: no checkpoint "
+            "was written to %s. Use checkpoint_every <= %d to have one.",
+            checkpoint_every,
+            steps,
+            cpath,
+            max(steps, 1),
+        )
 
 
 def _finish(p: _Pass, start: float) -> Profile:
@@ -206,11 +263,18 @@ def _finish(p: _Pass, start: float) -> Profile:
     p.timings["hsic_finalize"] = time.perf_counter() - t0
     p.timings["total"] = time.perf_counter() - start
     tensors, warnings, routes = collect(p.sliced, p.state.states, p.cfg.hsic)
-    return Profile(layers=[l.name for l in p.sliced],
-                   num_neurons={l.name: l.num_neurons for l in p.sliced},
-                   num_classes=p.cfg.num_classes, metrics=p.cfg.metrics,
-                   fingerprint=p.fingerprint, input_shape=p.input_shape, tensors=tensors,
-                   hsic_routes=routes, warnings=warnings, timings=p.timings)
+    return Profile(
+        layers=[l.name for l in p.sliced],
+        num_neurons={l.name: l.num_neurons for l in p.sliced},
+        num_classes=p.cfg.num_classes,
+        metrics=p.cfg.metrics,
+        fingerprint=p.fingerprint,
+        input_shape=p.input_shape,
+        tensors=tensors,
+        hsic_routes=routes,
+        warnings=warnings,
+        timings=p.timings,
+    )
 
 
 def profile(
@@ -264,20 +328,25 @@ def profile(
     if metrics is not None:
         options["metrics"] = metrics
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or \
-            checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int (batches), got "
-                         f"{checkpoint_every!r}")
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(
+            f"checkpoint_every must be a positive int (batches), got {checkpoint_every!r}"
+        )
     start = time.perf_counter()
     reducer = active_reducer(distributed)
     work_model, device = _work_model(model, device)
-    bar = progress_bar(loader, progress and (reducer is None or reducer.rank == 0),
-                       "neuslice.profile")
+    bar = progress_bar(
+        loader, progress and (reducer is None or reducer.rank == 0), "neuslice.profile"
+    )
     try:
-        with exclusive(model, "neuslice.profile"), no_tf32(), \
-                module_modes(work_model, train=False):
-            p = _plan(model, work_model, device, iter(bar), layers, cfg, reducer, checkpoint,
-                      resume)
+        with exclusive(model, "neuslice.profile"), no_tf32(), module_modes(work_model, train=False):
+            p = _plan(
+                model, work_model, device, iter(bar), layers, cfg, reducer, checkpoint, resume
+            )
             _consume(p, checkpoint, checkpoint_every)
             return _finish(p, start)
     finally:
@@ -285,21 +354,35 @@ def profile(
             bar.close()
 
 
-def estimate_profile_memory(model: nn.Module, example_inputs: torch.Tensor, num_classes: int,
-                            layers: Sequence[str] | None = None, *, batch_size: int = 1,
-                            config: ProfileConfig | None = None, **options):
+def estimate_profile_memory(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    num_classes: int,
+    layers: Sequence[str] | None = None,
+    *,
+    batch_size: int = 1,
+    config: ProfileConfig | None = None,
+    **options,
+):
     """The memory estimate ``profile`` would make (``neuslice.runtime.memory.MemoryEstimate``)
     for ``model`` on inputs shaped like ``example_inputs`` and batches of ``batch_size``, without
     profiling; ``config`` and ``**options`` mean what they mean for ``profile``."""
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
     model = unwrap_model(model)
     sliced = find_layers(model, layers)
-    if not torch.is_tensor(example_inputs) or example_inputs.dim() < 1 or \
-            example_inputs.shape[0] < 1:
+    if (
+        not torch.is_tensor(example_inputs)
+        or example_inputs.dim() < 1
+        or example_inputs.shape[0] < 1
+    ):
         raise ValueError("example_inputs must be a tensor holding a batch of at least one input")
     with exclusive(model, "neuslice.estimate_profile_memory"), module_modes(model, train=False):
         positions, _ = probe_positions(model, sliced, example_inputs, cfg.autocast)
-        in_flight = probe_batch_bytes(model, sliced, example_inputs, cfg) * batch_size \
+        in_flight = (
+            probe_batch_bytes(model, sliced, example_inputs, cfg)
+            * batch_size
             // example_inputs.shape[0]
-    return plan_memory(sliced, positions, cfg, batch_size, model_bytes=model_bytes(model),
-                       batch_bytes=in_flight)
+        )
+    return plan_memory(
+        sliced, positions, cfg, batch_size, model_bytes=model_bytes(model), batch_bytes=in_flight
+    )

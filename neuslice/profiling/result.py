@@ -62,7 +62,8 @@ class Profile:
         if metric not in scorable(self.metrics):
             raise ValueError(
                 f"metric {metric!r} was not profiled (profiled: {list(self.metrics)}); "
-                f"profile again with metrics including {metric!r}.")
+                f"profile again with metrics including {metric!r}."
+            )
         self._t(layer, "count")
         return score(lambda key: self._t(layer, key), metric, category)
 
@@ -75,9 +76,11 @@ class Profile:
         """Neuron-HSIC matrix of ``layer`` on ``category``, or None if it had too few samples."""
         self._check_category(category)
         if not self.keeps_hsic:
-            raise ValueError("this profile kept only the CKA prefix curves (keep_hsic=False), not "
-                             "the HSIC matrices; use Profile.curve, or profile again with "
-                             "keep_hsic=True.")
+            raise ValueError(
+                "this profile kept only the CKA prefix curves (keep_hsic=False), not "
+                "the HSIC matrices; use Profile.curve, or profile again with "
+                "keep_hsic=True."
+            )
         if float(self._t(layer, "hsic_weight")[category]) <= 0:
             return None
         return self._t(layer, "hsic")[category]
@@ -87,8 +90,10 @@ class Profile:
         on ``category`` (``k = 1..d``), or None if the category had too few samples."""
         self._check_category(category)
         if not self.hsic_routes:
-            raise ValueError("this profile has no neuron-HSIC statistics (it was made with "
-                             "hsic=False); profile again with hsic=True.")
+            raise ValueError(
+                "this profile has no neuron-HSIC statistics (it was made with "
+                "hsic=False); profile again with hsic=True."
+            )
         order = ranking(self.scores(layer, metric, category))
         if self.keeps_hsic:
             m = self.hsic(layer, category)
@@ -97,27 +102,45 @@ class Profile:
             return None
         key = f"{layer}.curve.{metric}"
         if key not in self.tensors:
-            raise ValueError(f"this profile stored no CKA curves for metric {metric!r} (it has "
-                             f"{sorted(k.split('.curve.')[1] for k in self.tensors if '.curve.' in k and k.startswith(layer + '.'))}).")
+            raise ValueError(
+                f"this profile stored no CKA curves for metric {metric!r} (it has "
+                f"{sorted(k.split('.curve.')[1] for k in self.tensors if '.curve.' in k and k.startswith(layer + '.'))})."
+            )
         return self.tensors[key][category]
 
     def __repr__(self) -> str:
         n = int(self.counts().sum())
-        return (f"Profile(layers={self.layers}, num_classes={self.num_classes}, samples={n}, "
-                f"metrics={list(self.metrics)})")
+        return (
+            f"Profile(layers={self.layers}, num_classes={self.num_classes}, samples={n}, "
+            f"metrics={list(self.metrics)})"
+        )
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile to one file (atomically: a crash never leaves a partial file)."""
-        meta = {"format": _FORMAT, "version": _VERSION, "layers": self.layers,
-                "num_neurons": self.num_neurons, "num_classes": self.num_classes,
-                "metrics": list(self.metrics), "fingerprint": self.fingerprint,
-                "input_shape": self.input_shape, "hsic_routes": self.hsic_routes,
-                "warnings": self.warnings, "timings": self.timings,
-                "keep_hsic": self.keeps_hsic}
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "layers": self.layers,
+            "num_neurons": self.num_neurons,
+            "num_classes": self.num_classes,
+            "metrics": list(self.metrics),
+            "fingerprint": self.fingerprint,
+            "input_shape": self.input_shape,
+            "hsic_routes": self.hsic_routes,
+            "warnings": self.warnings,
+            "timings": self.timings,
+            "keep_hsic": self.keeps_hsic,
+        }
         text = json.dumps(meta)
-        atomic_torch_save({"meta": text, "tensors": self.tensors,
-                           "checksum": content_digest([text, self.tensors])}, path)
+        atomic_torch_save(
+            {
+                "meta": text,
+                "tensors": self.tensors,
+                "checksum": content_digest([text, self.tensors]),
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -135,20 +158,31 @@ class Profile:
         except Exception as exc:
             raise ValueError(
                 f"{path} is not a readable neuslice profile (corrupt or truncated file?): "
-                f"{type(exc).__name__}: {exc}. Re-run neuslice.profile to recreate it.") from exc
+                f"{type(exc).__name__}: {exc}. Re-run neuslice.profile to recreate it."
+            ) from exc
         if meta.get("format") != _FORMAT or meta.get("version") not in (1, _VERSION):
-            raise ValueError(f"{path} is not a neuslice profile (format {meta.get('format')!r}, "
-                             f"version {meta.get('version')!r}).")
+            raise ValueError(
+                f"{path} is not a neuslice profile (format {meta.get('format')!r}, "
+                f"version {meta.get('version')!r})."
+            )
         try:
-            prof = cls(layers=meta["layers"], num_neurons=meta["num_neurons"],
-                       num_classes=meta["num_classes"], metrics=tuple(meta["metrics"]),
-                       fingerprint=meta["fingerprint"], input_shape=meta["input_shape"],
-                       tensors=tensors, hsic_routes=meta["hsic_routes"],
-                       warnings=meta["warnings"], timings=meta["timings"])
+            prof = cls(
+                layers=meta["layers"],
+                num_neurons=meta["num_neurons"],
+                num_classes=meta["num_classes"],
+                metrics=tuple(meta["metrics"]),
+                fingerprint=meta["fingerprint"],
+                input_shape=meta["input_shape"],
+                tensors=tensors,
+                hsic_routes=meta["hsic_routes"],
+                warnings=meta["warnings"],
+                timings=meta["timings"],
+            )
             sizes = [(layer, int(prof.num_neurons[layer])) for layer in prof.layers]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path} is corrupt: its metadata is incomplete "
-                             f"({type(exc).__name__}: {exc}).") from exc
+            raise ValueError(
+                f"{path} is corrupt: its metadata is incomplete ({type(exc).__name__}: {exc})."
+            ) from exc
         _check_meta(path, prof)
         for layer, d in sizes:
             c = prof.num_classes
@@ -158,30 +192,52 @@ class Profile:
             for key, shape in expect.items():
                 t = tensors.get(f"{layer}.{key}")
                 if t is None or tuple(t.shape) != shape:
-                    raise ValueError(f"{path} is corrupt: tensor {layer}.{key} is missing or has "
-                                     f"the wrong shape.")
+                    raise ValueError(
+                        f"{path} is corrupt: tensor {layer}.{key} is missing or has "
+                        f"the wrong shape."
+                    )
         _check_tensors(path, prof)
         # last, so that a damaged field is named; files of neuslice 0.1 carry no checksum
         if "checksum" in blob and blob["checksum"] != content_digest([blob["meta"], tensors]):
-            raise ValueError(f"{path} is corrupt: field 'checksum' does not match the content "
-                             f"(the file was edited or damaged after it was written). Re-run "
-                             f"neuslice.profile to recreate it.")
+            raise ValueError(
+                f"{path} is corrupt: field 'checksum' does not match the content "
+                f"(the file was edited or damaged after it was written). Re-run "
+                f"neuslice.profile to recreate it."
+            )
         return prof
 
 
-_OPTIONAL_SHAPES = {"taylor": "cd", "taylor_batches": "c", "taylor_act": "cd", "deeplift": "cd",
-                    "taylor_all": "d", "taylor_all_batches": "", "hsic_weight": "c"}
-_NON_NEGATIVE = ("count", "m2", "taylor", "taylor_batches", "taylor_act", "taylor_all",
-                 "taylor_all_batches", "hsic_weight")
+_OPTIONAL_SHAPES = {
+    "taylor": "cd",
+    "taylor_batches": "c",
+    "taylor_act": "cd",
+    "deeplift": "cd",
+    "taylor_all": "d",
+    "taylor_all_batches": "",
+    "hsic_weight": "c",
+}
+_NON_NEGATIVE = (
+    "count",
+    "m2",
+    "taylor",
+    "taylor_batches",
+    "taylor_act",
+    "taylor_all",
+    "taylor_all_batches",
+    "hsic_weight",
+)
 
 
 def _check_meta(path, prof: "Profile") -> None:
     def bad(field_name, what):
         raise ValueError(f"{path} is corrupt: field {field_name!r} {what}.")
 
-    if not isinstance(prof.layers, list) or not prof.layers or \
-            not all(isinstance(n, str) for n in prof.layers) or \
-            len(set(prof.layers)) != len(prof.layers):
+    if (
+        not isinstance(prof.layers, list)
+        or not prof.layers
+        or not all(isinstance(n, str) for n in prof.layers)
+        or len(set(prof.layers)) != len(prof.layers)
+    ):
         bad("layers", "must be a non-empty list of distinct layer names")
     if not isinstance(prof.num_neurons, dict) or set(prof.num_neurons) != set(prof.layers):
         bad("num_neurons", f"must give the size of every layer of {prof.layers}")
@@ -196,7 +252,8 @@ def _check_meta(path, prof: "Profile") -> None:
         bad("fingerprint", "must be a non-empty string")
     shape = prof.input_shape
     if not isinstance(shape, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape
+    ):
         bad("input_shape", f"must be a list of positive ints, got {shape!r:.80}")
     if not isinstance(prof.hsic_routes, dict) or not set(prof.hsic_routes) <= set(prof.layers):
         bad("hsic_routes", "must map profiled layers to routes")
@@ -207,19 +264,22 @@ def _check_tensors(path, prof: "Profile") -> None:
     for key, t in prof.tensors.items():
         layer, _, stat = key.partition(".")
         if layer not in prof.num_neurons or not torch.is_tensor(t):
-            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] belongs to no layer or "
-                             f"is not a tensor.")
+            raise ValueError(
+                f"{path} is corrupt: field tensors[{key!r}] belongs to no layer or is not a tensor."
+            )
         d = prof.num_neurons[layer]
         spec = "cd" if stat.startswith("curve.") else _OPTIONAL_SHAPES.get(stat)
         if spec is not None and tuple(t.shape) != tuple(c if s == "c" else d for s in spec):
-            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] has shape "
-                             f"{tuple(t.shape)}.")
+            raise ValueError(
+                f"{path} is corrupt: field tensors[{key!r}] has shape {tuple(t.shape)}."
+            )
         if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
             raise ValueError(f"{path} is corrupt: field tensors[{key!r}] has dtype {t.dtype}.")
         # CKA curves are NaN for categories without enough samples; nothing else may be
         finite = torch.isfinite(t) | (torch.isnan(t) if stat.startswith("curve.") else False)
         if not bool(finite.all()):
-            raise ValueError(f"{path} is corrupt: field tensors[{key!r}] holds NaN or infinite "
-                             f"values.")
+            raise ValueError(
+                f"{path} is corrupt: field tensors[{key!r}] holds NaN or infinite values."
+            )
         if stat in _NON_NEGATIVE and bool((t < 0).any()):
             raise ValueError(f"{path} is corrupt: field tensors[{key!r}] holds negative values.")

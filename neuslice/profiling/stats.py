@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MomentAccumulator", "CovarianceAccumulator", "MinibatchHSICAccumulator", "merge_moments"]
+__all__ = [
+    "MomentAccumulator",
+    "CovarianceAccumulator",
+    "MinibatchHSICAccumulator",
+    "merge_moments",
+]
 
 
 class _Stateful:
@@ -21,8 +26,11 @@ class _Stateful:
         out = {}
         for key in self._STATE:
             v = getattr(self, key)
-            out[key] = [list(b) for b in v] if key == "buffers" else (
-                list(v) if isinstance(v, list) else v)
+            out[key] = (
+                [list(b) for b in v]
+                if key == "buffers"
+                else (list(v) if isinstance(v, list) else v)
+            )
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -32,14 +40,17 @@ class _Stateful:
             cur, new = getattr(self, key), state[key]
             if torch.is_tensor(cur):
                 if not torch.is_tensor(new) or new.shape != cur.shape or new.dtype != cur.dtype:
-                    raise ValueError(f"state entry {key!r} does not fit this accumulator "
-                                     f"(expected {cur.dtype} {tuple(cur.shape)}).")
+                    raise ValueError(
+                        f"state entry {key!r} does not fit this accumulator "
+                        f"(expected {cur.dtype} {tuple(cur.shape)})."
+                    )
                 new = new.to(cur.device)
             elif key == "buffers":
                 new = [[t.to(self.device) for t in b] for b in new]
             else:
                 new = list(new)
             setattr(self, key, new)
+
 
 ACC = torch.float64
 
@@ -51,12 +62,12 @@ def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """
     n = n_a + n_b
     safe = torch.where(n > 0, n, torch.ones_like(n)).to(ACC)
-    w = (n_b.to(ACC) / safe)
+    w = n_b.to(ACC) / safe
     while w.dim() < mean_a.dim():
         w = w.unsqueeze(-1)
     delta = mean_b - mean_a
     mean = mean_a + delta * w
-    cross = (n_a.to(ACC) * n_b.to(ACC) / safe)
+    cross = n_a.to(ACC) * n_b.to(ACC) / safe
     while cross.dim() < m2_a.dim():
         cross = cross.unsqueeze(-1)
     m2 = m2_a + m2_b + delta * delta * cross
@@ -77,21 +88,24 @@ class MomentAccumulator(_Stateful):
         values = values.to(ACC)
         # only the categories present in the batch are touched: O(batch·d), not O(C·d)
         cats, inv, n_b = torch.unique(labels, return_inverse=True, return_counts=True)
-        sums = torch.zeros(cats.numel(), values.shape[1], dtype=ACC,
-                           device=values.device).index_add_(0, inv, values)
+        sums = torch.zeros(
+            cats.numel(), values.shape[1], dtype=ACC, device=values.device
+        ).index_add_(0, inv, values)
         mean_b = sums / n_b.unsqueeze(1).to(ACC)
         dev = values - mean_b[inv]
         m2_b = torch.zeros_like(sums).index_add_(0, inv, dev * dev)
-        n, mean, m2 = merge_moments(self.count[cats], self.mean[cats], self.m2[cats],
-                                    n_b, mean_b, m2_b)
+        n, mean, m2 = merge_moments(
+            self.count[cats], self.mean[cats], self.m2[cats], n_b, mean_b, m2_b
+        )
         self.count[cats], self.mean[cats], self.m2[cats] = n, mean, m2
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Count, mean and M2 over all categories together (exact merge)."""
         n, mean, m2 = self.count[:1] * 0, self.mean[:1] * 0, self.m2[:1] * 0
         for k in range(self.count.shape[0]):
-            n, mean, m2 = merge_moments(n, mean, m2, self.count[k:k + 1], self.mean[k:k + 1],
-                                        self.m2[k:k + 1])
+            n, mean, m2 = merge_moments(
+                n, mean, m2, self.count[k : k + 1], self.mean[k : k + 1], self.m2[k : k + 1]
+            )
         return n[0], mean[0], m2[0]
 
 
@@ -106,8 +120,14 @@ class CovarianceAccumulator(_Stateful):
 
     _STATE = ("count", "shift", "s1", "buffers", "buffered")  # and s2 (state_dict)
 
-    def __init__(self, num_classes: int, dim: int, device=None, compute_dtype=torch.float32,
-                 buffer_size: int = 256):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device=None,
+        compute_dtype=torch.float32,
+        buffer_size: int = 256,
+    ):
         self.device = device
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.shift = torch.zeros(num_classes, dim, dtype=ACC, device=device)
@@ -158,9 +178,12 @@ class CovarianceAccumulator(_Stateful):
     def s2(self) -> torch.Tensor:
         """``Σ (x-shift)(x-shift)ᵀ`` per category, ``(C, p, p)`` (zeros where none flushed)."""
         p = self.s1.shape[1]
-        return torch.stack([t if t is not None else
-                            torch.zeros(p, p, dtype=ACC, device=self.s1.device)
-                            for t in self._s2])
+        return torch.stack(
+            [
+                t if t is not None else torch.zeros(p, p, dtype=ACC, device=self.s1.device)
+                for t in self._s2
+            ]
+        )
 
     @property
     def comoment(self) -> torch.Tensor:
@@ -197,13 +220,18 @@ class CovarianceAccumulator(_Stateful):
     def load_state_dict(self, state: dict) -> None:
         s2 = state.get("s2")
         c, p = self.s1.shape
-        if s2 is not None and (not torch.is_tensor(s2) or tuple(s2.shape) != (c, p, p)
-                               or s2.dtype != ACC):
-            raise ValueError(f"state entry 's2' does not fit this accumulator (expected "
-                             f"{ACC} {(c, p, p)}).")
+        if s2 is not None and (
+            not torch.is_tensor(s2) or tuple(s2.shape) != (c, p, p) or s2.dtype != ACC
+        ):
+            raise ValueError(
+                f"state entry 's2' does not fit this accumulator (expected {ACC} {(c, p, p)})."
+            )
         super().load_state_dict({k: v for k, v in state.items() if k != "s2"})
-        self._s2 = [None] * c if s2 is None else \
-            [t.to(self.s1.device) if int(n) > 0 else None for t, n in zip(s2, self.count)]
+        self._s2 = (
+            [None] * c
+            if s2 is None
+            else [t.to(self.s1.device) if int(n) > 0 else None for t, n in zip(s2, self.count)]
+        )
 
 
 class MinibatchHSICAccumulator(_Stateful):

@@ -34,8 +34,11 @@ def weights_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        h.update(
+            t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            if t.numel()
+            else b""
+        )
     return h.hexdigest()[:24]
 
 
@@ -73,8 +76,10 @@ def save(path: str, payload: dict, keep_previous: bool = False) -> bool:
         atomic_torch_save({**blob, "checksum": content_digest(blob)}, path)
         return True
     except OSError as exc:
-        msg = (f"neuslice.profile could not write checkpoint {path} ({type(exc).__name__}: "
-               f"{exc}); the previous checkpoint is intact and profiling continues.")
+        msg = (
+            f"neuslice.profile could not write checkpoint {path} ({type(exc).__name__}: "
+            f"{exc}); the previous checkpoint is intact and profiling continues."
+        )
         logger.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return False
@@ -86,16 +91,20 @@ def load(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(_missing_message(os.fspath(path))) from None
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable neuslice checkpoint (corrupt or truncated?): "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"{path} is not a readable neuslice checkpoint (corrupt or truncated?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("version") != VERSION:
         raise ValueError(f"{path} is not a neuslice profile checkpoint (version {VERSION}).")
     if "checksum" in blob:  # checkpoints of neuslice 0.1 have none
         body = {k: v for k, v in blob.items() if k != "checksum"}
         if blob["checksum"] != content_digest(body):
-            raise ValueError(f"{path} is corrupt: field 'checksum' does not match the content "
-                             f"(the file was edited or damaged after it was written). Delete it "
-                             f"and start without resume=.")
+            raise ValueError(
+                f"{path} is corrupt: field 'checksum' does not match the content "
+                f"(the file was edited or damaged after it was written). Delete it "
+                f"and start without resume=."
+            )
     return blob
 
 
@@ -108,13 +117,17 @@ def _missing_message(path: str) -> str:
         found.insert(0, base)
     if not found:
         return f"resume checkpoint {path} does not exist."
-    worlds = sorted({int(m.group(1)) for f in found
-                     if (m := re.search(r"-of-(\d+)$", f))} | ({1} if base in found else set()))
-    return (f"resume checkpoint {path} does not exist, but checkpoints of the same run written "
-            f"by another number of processes do: {found}. A checkpoint resumes only with the "
-            f"world size that wrote it: launch {' or '.join(map(str, worlds))} process(es) "
-            f"(e.g. torchrun --nproc-per-node={worlds[-1]}) with resume={base!r}, or start "
-            f"without resume=.")
+    worlds = sorted(
+        {int(m.group(1)) for f in found if (m := re.search(r"-of-(\d+)$", f))}
+        | ({1} if base in found else set())
+    )
+    return (
+        f"resume checkpoint {path} does not exist, but checkpoints of the same run written "
+        f"by another number of processes do: {found}. A checkpoint resumes only with the "
+        f"world size that wrote it: launch {' or '.join(map(str, worlds))} process(es) "
+        f"(e.g. torchrun --nproc-per-node={worlds[-1]}) with resume={base!r}, or start "
+        f"without resume=."
+    )
 
 
 def check_compatible(blob: dict, expect: dict, path) -> None:
@@ -137,8 +150,10 @@ def check_compatible(blob: dict, expect: dict, path) -> None:
                 detail = f" (checkpoint {a}, now {b})"
             else:
                 detail = ""
-            raise ValueError(f"cannot resume from {path}: {why}{detail}. Resume with the same "
-                             f"model, data and arguments, or start without resume=.")
+            raise ValueError(
+                f"cannot resume from {path}: {why}{detail}. Resume with the same "
+                f"model, data and arguments, or start without resume=."
+            )
 
 
 def generations(path: str) -> dict[int, str]:

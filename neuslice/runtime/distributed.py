@@ -43,7 +43,8 @@ def active_reducer(distributed: bool | None, group=None) -> "Reducer | None":
     if not ready:
         raise RuntimeError(
             "distributed=True but torch.distributed is not initialised: launch with torchrun "
-            "and call torch.distributed.init_process_group('gloo' or 'nccl') before profiling.")
+            "and call torch.distributed.init_process_group('gloo' or 'nccl') before profiling."
+        )
     return Reducer(group)
 
 
@@ -59,8 +60,11 @@ class Reducer:
         self.world = dist.get_world_size(group)
         backend = dist.get_backend(group)
         # nccl only reduces CUDA tensors; gloo reduces CPU ones (and CUDA ones by copying)
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if backend == "nccl" else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -70,7 +74,8 @@ class Reducer:
                 f"neuslice.profile on rank {self.rank} of {self.world}: {what} failed -- another "
                 f"rank probably died, raised an error or is more than the process group's timeout "
                 f"behind (set it with init_process_group(timeout=...)). Backend error: "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def gather_objects(self, obj, what: str = "exchanging the configuration") -> list:
         out = [None] * self.world
@@ -88,7 +93,7 @@ class Reducer:
             offset = 0
             for t in ts:
                 n = t.numel()
-                t.copy_(flat[offset:offset + n].view_as(t))
+                t.copy_(flat[offset : offset + n].view_as(t))
                 offset += n
 
     def max_(self, t: torch.Tensor, what: str = "agreeing on progress") -> torch.Tensor:
@@ -98,13 +103,17 @@ class Reducer:
         t.copy_(flat.view_as(t))
         return t
 
-    def moments_(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 what: str = "merging moments") -> None:
+    def moments_(
+        self,
+        items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        what: str = "merging moments",
+    ) -> None:
         """In-place merge of ``(count, mean, M)`` triples over ranks.
 
         ``count`` has shape ``(k,)``; ``mean`` ``(k, p)``; ``M`` ``(k, p)`` (squared
         deviations) or ``(k, p, p)`` (co-moments). Counts may be zero.
         """
+
         def col(t, like):  # (k,) -> broadcastable against ``like``
             return t.view(-1, *([1] * (like.dim() - 1)))
 

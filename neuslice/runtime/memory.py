@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["MemoryEstimate", "MemoryBudgetError", "pick_hsic_route", "estimate"]
 
-GiB = 2 ** 30
+GiB = 2**30
 _FEATURE_BUFFER = 256  # samples CovarianceAccumulator buffers per category
 
 
@@ -31,24 +31,27 @@ class MemoryBudgetError(MemoryError):
     """The requested profile would need more memory than the budget allows."""
 
 
-def pick_hsic_route(d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int) -> str:
+def pick_hsic_route(
+    d: int, positions: int, route: str, cka_batch: int, max_feature_dim: int
+) -> str:
     """How a layer's HSIC statistics are accumulated: ``"feature"`` (exact covariance) when
     small, else ``"minibatch"`` (unbiased HSIC per category minibatch)."""
     if route != "auto":
         return route
     p = d * positions
     feature_flops, sample_flops = p * p, d * cka_batch * positions + d * d * cka_batch
-    return "feature" if (p <= max_feature_dim and feature_flops <= 4 * sample_flops) \
-        else "minibatch"
-
-
+    return (
+        "feature" if (p <= max_feature_dim and feature_flops <= 4 * sample_flops) else "minibatch"
+    )
 
 
 @dataclass
 class MemoryEstimate:
     """Bytes per layer and component; ``total`` is the peak the accumulators need."""
 
-    rows: list[tuple[str, str, int, int, int]] = field(default_factory=list)  # name, route, d, s, bytes
+    rows: list[tuple[str, str, int, int, int]] = field(
+        default_factory=list
+    )  # name, route, d, s, bytes
     parts: dict[str, int] = field(default_factory=dict)  # component -> bytes (all layers)
     num_classes: int = 0
     slots: int = 0
@@ -58,23 +61,40 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
     def table(self, top: int = 8) -> str:
-        lines = [f"estimated memory {self.total / GiB:.2f} GiB for {self.num_classes} "
-                 f"categories ({self.slots} HSIC accumulator slot(s) per layer):"]
+        lines = [
+            f"estimated memory {self.total / GiB:.2f} GiB for {self.num_classes} "
+            f"categories ({self.slots} HSIC accumulator slot(s) per layer):"
+        ]
         for part, b in sorted(self.parts.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {part:<34} {b / GiB:9.3f} GiB")
         rows = sorted(self.rows, key=lambda r: -r[4])[:top]
-        lines.append("  largest layers: " + ", ".join(
-            f"{n} ({r}, d={d}, s={s}: {b / GiB:.2f} GiB)" for n, r, d, s, b in rows))
-        lines.append("  (covers the statistics, the model and one batch in flight; not the "
-                     "Python/torch runtime nor the data loader's own memory)")
+        lines.append(
+            "  largest layers: "
+            + ", ".join(f"{n} ({r}, d={d}, s={s}: {b / GiB:.2f} GiB)" for n, r, d, s, b in rows)
+        )
+        lines.append(
+            "  (covers the statistics, the model and one batch in flight; not the "
+            "Python/torch runtime nor the data loader's own memory)"
+        )
         return "\n".join(lines)
 
 
-def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool = True,
-             hsic_route: str = "auto", cka_batch: int = 128, max_feature_dim: int = 2048,
-             category_order: str = "any", keep_hsic: bool = True, num_metrics: int = 5,
-             batch_size: int = 1, open_categories: int = 2, model_bytes: int = 0,
-             batch_bytes: int = 0) -> MemoryEstimate:
+def estimate(
+    layers: list[tuple[str, int, int]],
+    num_classes: int,
+    *,
+    hsic: bool = True,
+    hsic_route: str = "auto",
+    cka_batch: int = 128,
+    max_feature_dim: int = 2048,
+    category_order: str = "any",
+    keep_hsic: bool = True,
+    num_metrics: int = 5,
+    batch_size: int = 1,
+    open_categories: int = 2,
+    model_bytes: int = 0,
+    batch_bytes: int = 0,
+) -> MemoryEstimate:
     """Estimate for ``layers`` given as ``(name, neurons d, positions s)``.
 
     With ``category_order="grouped"``, ``open_categories`` HSIC accumulators are planned (2: a
@@ -87,8 +107,12 @@ def estimate(layers: list[tuple[str, int, int]], num_classes: int, *, hsic: bool
     grouped = category_order != "any"
     slots = min(c, open_categories) if grouped else c
     est = MemoryEstimate(num_classes=c, slots=slots)
-    parts = {"scores (per category)": 0, "HSIC accumulators": 0, "HSIC pending samples": 0,
-             "HSIC results": 0}
+    parts = {
+        "scores (per category)": 0,
+        "HSIC accumulators": 0,
+        "HSIC pending samples": 0,
+        "HSIC results": 0,
+    }
     for name, d, s in layers:
         layer_bytes = 8 * (6 * c * d + 2 * c + d)
         parts["scores (per category)"] += layer_bytes

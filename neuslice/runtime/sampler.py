@@ -24,25 +24,42 @@ class CategoryGroupedSampler(Sampler[int]):
             ``torch.distributed`` when initialised, else 1 and 0.
     """
 
-    def __init__(self, labels, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        labels,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be a 1-D integer sequence, got dtype {labels.dtype}, "
-                             f"shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be a 1-D integer sequence, got dtype {labels.dtype}, "
+                f"shape {tuple(labels.shape)}"
+            )
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError("labels must be non-negative class indices")
         if num_replicas is None or rank is None:
             import torch.distributed as dist
 
             ready = dist.is_available() and dist.is_initialized()
-            num_replicas = num_replicas if num_replicas is not None else (
-                dist.get_world_size() if ready else 1)
+            num_replicas = (
+                num_replicas
+                if num_replicas is not None
+                else (dist.get_world_size() if ready else 1)
+            )
             rank = rank if rank is not None else (dist.get_rank() if ready else 0)
-        if not (isinstance(num_replicas, int) and num_replicas >= 1 and
-                isinstance(rank, int) and 0 <= rank < num_replicas):
-            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got "
-                             f"{num_replicas} and {rank}")
+        if not (
+            isinstance(num_replicas, int)
+            and num_replicas >= 1
+            and isinstance(rank, int)
+            and 0 <= rank < num_replicas
+        ):
+            raise ValueError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got "
+                f"{num_replicas} and {rank}"
+            )
         self.labels = labels.long()
         self.num_replicas, self.rank = num_replicas, rank
         self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
@@ -58,7 +75,7 @@ class CategoryGroupedSampler(Sampler[int]):
             idx = torch.nonzero(self.labels == c).flatten()
             if self.shuffle:
                 idx = idx[torch.randperm(idx.numel(), generator=g)]
-            out += idx[self.rank::self.num_replicas].tolist()
+            out += idx[self.rank :: self.num_replicas].tolist()
         return out
 
     def __iter__(self):
@@ -66,5 +83,10 @@ class CategoryGroupedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         counts = torch.bincount(self.labels) if self.labels.numel() else torch.zeros(0)
-        return int(sum((int(n) - self.rank + self.num_replicas - 1) // self.num_replicas
-                       for n in counts.tolist() if n > self.rank))
+        return int(
+            sum(
+                (int(n) - self.rank + self.num_replicas - 1) // self.num_replicas
+                for n in counts.tolist()
+                if n > self.rank
+            )
+        )
