@@ -95,7 +95,9 @@ class ConsumerCurves:
         for layer, r2 in self.r2.items():
             ok = torch.isfinite(r2) & (r2 >= threshold - 1e-12)
             any_ok = ok.any(1)
-            k = torch.where(any_ok, ok.float().argmax(1), torch.full_like(any_ok, -1, dtype=torch.long))
+            k = torch.where(
+                any_ok, ok.float().argmax(1), torch.full_like(any_ok, -1, dtype=torch.long)
+            )
             out[layer] = k
         return out
 
@@ -114,13 +116,18 @@ class ConsumerCurves:
                     if k > 0:
                         rows[c, self.order[layer][c, :k]] = True
             cat[layer], masks[layer] = rows, rows.any(0)
-        return _make(p, "consumer_r2", self.metric, masks, cat, threshold=float(threshold),
-                     notes=self.notes)
+        return _make(
+            p, "consumer_r2", self.metric, masks, cat, threshold=float(threshold), notes=self.notes
+        )
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or math.isnan(threshold) or not 0 < threshold <= 1:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or math.isnan(threshold)
+        or not 0 < threshold <= 1
+    ):
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     return float(threshold)
 
@@ -137,8 +144,10 @@ def _gather(loader: Iterable, categories: list[int], samples: int, num_classes: 
             raise ValueError(f"batch {i}: inputs and labels must be tensors")
         y = y.reshape(-1).long().cpu()
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"batch {i}: labels must be in [0, {num_classes}), got "
-                             f"[{int(y.min())}, {int(y.max())}]")
+            raise ValueError(
+                f"batch {i}: labels must be in [0, {num_classes}), got "
+                f"[{int(y.min())}, {int(y.max())}]"
+            )
         for c in categories:
             need = samples - have[c]
             if need > 0:
@@ -159,8 +168,14 @@ def _neuron_inputs(m: nn.Module, x: torch.Tensor, d: int) -> torch.Tensor:
     return x  # conv: (n, d, H, W)
 
 
-def _contributions(m: nn.Module, xs: torch.Tensor, idx: torch.Tensor, d: int,
-                   scale: torch.Tensor | None, centre: bool = True) -> torch.Tensor:
+def _contributions(
+    m: nn.Module,
+    xs: torch.Tensor,
+    idx: torch.Tensor,
+    d: int,
+    scale: torch.Tensor | None,
+    centre: bool = True,
+) -> torch.Tensor:
     """Contribution of each neuron in ``idx`` to ``m``'s output: ``(len(idx), n, -1)``, centred
     over the samples unless ``centre=False`` (inputs already centred elsewhere)."""
     w = m.weight.detach()
@@ -203,7 +218,7 @@ def _curve(parts, order: torch.Tensor, chunk: int, centre: bool = True) -> torch
         # walk the neurons from the last-ranked one: acc = sum of dropped contributions
         rev = order.flip(0)
         for start in range(0, d, chunk):
-            idx = rev[start:start + chunk].to(xs.device)
+            idx = rev[start : start + chunk].to(xs.device)
             con = _contributions(m, xs, idx, d, scale, centre)
             for j in range(con.shape[0]):
                 acc = con[j].clone() if acc is None else acc + con[j]
@@ -216,9 +231,18 @@ def _curve(parts, order: torch.Tensor, chunk: int, centre: bool = True) -> torch
     return r2
 
 
-def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, metric: str, *,
-                       samples: int = 128, after_norm: bool = False, centre: str = "category",
-                       chunk: int = 16, progress: bool = True) -> ConsumerCurves:
+def consumer_r2_curves(
+    model: nn.Module,
+    profile: Profile,
+    loader: Iterable,
+    metric: str,
+    *,
+    samples: int = 128,
+    after_norm: bool = False,
+    centre: str = "category",
+    chunk: int = 16,
+    progress: bool = True,
+) -> ConsumerCurves:
     """Compute the consumer-R² curves of every profiled layer and category (see module doc).
 
     Args:
@@ -250,8 +274,10 @@ def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, met
         raise ValueError(f"centre must be 'category' or 'global', got {centre!r}")
     fp = model_fingerprint(model)
     if fp != profile.fingerprint:
-        raise ValueError(f"the profile was made for a different model (fingerprint "
-                         f"{profile.fingerprint}, model has {fp}); profile this model first.")
+        raise ValueError(
+            f"the profile was made for a different model (fingerprint "
+            f"{profile.fingerprint}, model has {fp}); profile this model first."
+        )
     profile.scores(profile.layers[0], metric)  # unknown / unprofiled metric -> ValueError
     layers = find_layers(model, profile.layers)
     modules = dict(model.named_modules())
@@ -261,24 +287,34 @@ def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, met
     for l in layers:
         if l.coupled or not l.consumers:
             keep_all.append(l.name)
-            notes.append(f"{l.name}: output reaches a join (or has no Linear/Conv consumer); "
-                         f"all neurons kept")
+            notes.append(
+                f"{l.name}: output reaches a join (or has no Linear/Conv consumer); "
+                f"all neurons kept"
+            )
         else:
             consumers[l.name] = [name for name, _ in l.consumers]
     needed = sorted({c for v in consumers.values() for c in v})
     data = _gather(loader, cats, samples, profile.num_classes)
     missing = [c for c in cats if c not in data or data[c].shape[0] < 2]
     if len(missing) == len(cats):
-        raise ValueError("the loader gave fewer than 2 samples of every profiled category; the "
-                         "consumer-R² criterion needs each category's inputs.")
+        raise ValueError(
+            "the loader gave fewer than 2 samples of every profiled category; the "
+            "consumer-R² criterion needs each category's inputs."
+        )
     if missing:
         notes.append(f"categories {missing} skipped (fewer than 2 samples in the loader)")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     scales = {c: _norm_scale(model, c) if after_norm else None for c in needed}
-    r2 = {l: torch.full((profile.num_classes, profile.num_neurons[l] + 1), float("nan"),
-                        dtype=torch.float64) for l in profile.layers}
-    order = {l: torch.zeros(profile.num_classes, profile.num_neurons[l], dtype=torch.long)
-             for l in profile.layers}
+    r2 = {
+        l: torch.full(
+            (profile.num_classes, profile.num_neurons[l] + 1), float("nan"), dtype=torch.float64
+        )
+        for l in profile.layers
+    }
+    order = {
+        l: torch.zeros(profile.num_classes, profile.num_neurons[l], dtype=torch.long)
+        for l in profile.layers
+    }
     modes = {m: m.training for m in model.modules()}
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -287,6 +323,7 @@ def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, met
         def hook(_m, args):
             if name not in captured:
                 captured[name] = args[0].detach()
+
         return hook
 
     try:
@@ -322,8 +359,10 @@ def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, met
                     parts = []
                     for cname in consumers[l.name]:
                         if cname not in captured:
-                            raise ValueError(f"consumer {cname!r} of layer {l.name!r} did not "
-                                             f"run in the forward pass")
+                            raise ValueError(
+                                f"consumer {cname!r} of layer {l.name!r} did not "
+                                f"run in the forward pass"
+                            )
                         m = modules[cname]
                         parts.append((m, _neuron_inputs(m, captured[cname], d), scales[cname]))
                     r2[l.name][c] = _curve(parts, o, chunk, centre == "category")
@@ -332,18 +371,35 @@ def consumer_r2_curves(model: nn.Module, profile: Profile, loader: Iterable, met
             h.remove()
         for m, t in modes.items():
             m.train(t)
-    flat = [l for l in profile.layers if l not in keep_all
-            and not bool(torch.isfinite(r2[l]).any())]
+    flat = [
+        l for l in profile.layers if l not in keep_all and not bool(torch.isfinite(r2[l]).any())
+    ]
     if flat:
         notes.append(f"layers {flat}: consumer input constant on every category; nothing kept")
-    return ConsumerCurves(profile=profile, metric=metric, samples=samples, r2=r2, order=order,
-                          keep_all=keep_all, notes=notes)
+    return ConsumerCurves(
+        profile=profile,
+        metric=metric,
+        samples=samples,
+        r2=r2,
+        order=order,
+        keep_all=keep_all,
+        notes=notes,
+    )
 
 
-def consumer_r2_slice(model: nn.Module, profile: Profile, loader: Iterable, metric: str,
-                      threshold: float, *, samples: int = 128, after_norm: bool = False,
-                      centre: str = "category", curves: ConsumerCurves | None = None,
-                      progress: bool = True) -> Slice:
+def consumer_r2_slice(
+    model: nn.Module,
+    profile: Profile,
+    loader: Iterable,
+    metric: str,
+    threshold: float,
+    *,
+    samples: int = 128,
+    after_norm: bool = False,
+    centre: str = "category",
+    curves: ConsumerCurves | None = None,
+    progress: bool = True,
+) -> Slice:
     """Semantic slice by the consumer-R² criterion (module doc): per layer and category, the
     smallest ``|score|``-ranked prefix whose kept neurons explain ≥ ``threshold`` of the
     consumer's centred pre-activation variance on that category; the union over categories.
@@ -353,8 +409,16 @@ def consumer_r2_slice(model: nn.Module, profile: Profile, loader: Iterable, metr
     """
     threshold = _check_threshold(threshold)
     if curves is None:
-        curves = consumer_r2_curves(model, profile, loader, metric, samples=samples,
-                                    after_norm=after_norm, centre=centre, progress=progress)
+        curves = consumer_r2_curves(
+            model,
+            profile,
+            loader,
+            metric,
+            samples=samples,
+            after_norm=after_norm,
+            centre=centre,
+            progress=progress,
+        )
     elif not isinstance(curves, ConsumerCurves):
         raise TypeError(f"curves must be a ConsumerCurves, got {type(curves).__name__}")
     elif curves.metric != metric or curves.profile is not profile:

@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import neuslice
-from neuslice.consumer import (consumer_r2_curves, consumer_r2_slice,
-                               magnitude_ranking)
+from neuslice.consumer import consumer_r2_curves, consumer_r2_slice, magnitude_ranking
 
 try:
     from neuslice.profiling.scores import ranking
@@ -27,12 +26,24 @@ C = 3
 
 def _cnn(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(2, 6, 3, padding=1), bn1=nn.BatchNorm2d(6), relu1=nn.ReLU(),
-        pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(6, 8, 3, padding=1), relu2=nn.ReLU(),
-        flatten=nn.Flatten(), fc1=nn.Linear(8 * 4 * 4, 12), relu3=nn.ReLU(),
-        head=nn.Linear(12, C))).double().eval()
+    return (
+        nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(2, 6, 3, padding=1),
+                bn1=nn.BatchNorm2d(6),
+                relu1=nn.ReLU(),
+                pool1=nn.MaxPool2d(2),
+                conv2=nn.Conv2d(6, 8, 3, padding=1),
+                relu2=nn.ReLU(),
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(8 * 4 * 4, 12),
+                relu3=nn.ReLU(),
+                head=nn.Linear(12, C),
+            )
+        )
+        .double()
+        .eval()
+    )
 
 
 def _data(n=90, seed=0):
@@ -50,8 +61,7 @@ def _loader(x, y, bs=16):
 def setup():
     model = _cnn()
     x, y = _data()
-    prof = neuslice.profile(model, _loader(x, y), C, metrics=("taylor", "deeplift"),
-                            progress=False)
+    prof = neuslice.profile(model, _loader(x, y), C, metrics=("taylor", "deeplift"), progress=False)
     return model, x, y, prof
 
 
@@ -67,7 +77,8 @@ def test_curve_matches_explicit_masking(setup):
         d = order.numel()
         outs = {}
         h = dict(model.named_modules())[consumer].register_forward_hook(
-            lambda m, a, o: outs.__setitem__("z", o.detach()))
+            lambda m, a, o: outs.__setitem__("z", o.detach())
+        )
         try:
             with torch.no_grad():
                 model(xc)
@@ -76,17 +87,22 @@ def test_curve_matches_explicit_masking(setup):
                 for k in range(d + 1):
                     mask = torch.zeros(d, dtype=torch.bool)
                     mask[order[:k]] = True
-                    masks = {l: torch.ones(prof.num_neurons[l], dtype=torch.bool)
-                             for l in prof.layers}
+                    masks = {
+                        l: torch.ones(prof.num_neurons[l], dtype=torch.bool) for l in prof.layers
+                    }
                     masks[layer] = mask
-                    sl = neuslice.Slice(masks=masks, strategy="t", metric=None,
-                                        fingerprint=prof.fingerprint,
-                                        input_shape=list(prof.input_shape))
+                    sl = neuslice.Slice(
+                        masks=masks,
+                        strategy="t",
+                        metric=None,
+                        fingerprint=prof.fingerprint,
+                        input_shape=list(prof.input_shape),
+                    )
                     with neuslice.masked(model, sl):
                         model(xc)
                     zk = outs["z"].reshape(len(xc), -1)
                     zk = zk - zk.mean(0)
-                    expect = 1 - float(((z - zk) ** 2).sum() / (z ** 2).sum())
+                    expect = 1 - float(((z - zk) ** 2).sum() / (z**2).sum())
                     got = float(cv.r2[layer][cat, k])
                     assert math.isfinite(got)
                     assert math.isclose(got, expect, rel_tol=1e-6, abs_tol=1e-9), (layer, k)
@@ -110,8 +126,9 @@ def test_monotone_in_threshold_and_reaches_range(setup):
             assert math.isfinite(r)
             rates.append(r)
         assert max(rates) - min(rates) > 0.4, rates
-        assert sl.kept() == {l: prof.num_neurons[l] for l in prof.layers} or \
-            all(v >= 1 for v in sl.kept().values())
+        assert sl.kept() == {l: prof.num_neurons[l] for l in prof.layers} or all(
+            v >= 1 for v in sl.kept().values()
+        )
 
 
 def test_slice_matches_curves_and_reuses_them(setup):
@@ -163,12 +180,12 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError):
         consumer_r2_slice(model, prof, _loader(x, y), "taylor", 0.5, samples=1, progress=False)
     with pytest.raises(ValueError):  # a profile of another architecture
-        other = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 3), relu=nn.ReLU(),
-                                          head=nn.Linear(3, C)))
+        other = nn.Sequential(
+            OrderedDict(fc1=nn.Linear(4, 3), relu=nn.ReLU(), head=nn.Linear(3, C))
+        )
         consumer_r2_slice(other, prof, _loader(x, y), "taylor", 0.5, progress=False)
     with pytest.raises(ValueError):  # a loader without labels
-        consumer_r2_slice(model, prof, DataLoader(x, batch_size=8), "taylor", 0.5,
-                          progress=False)
+        consumer_r2_slice(model, prof, DataLoader(x, batch_size=8), "taylor", 0.5, progress=False)
     with pytest.raises(ValueError):  # labels out of range
         consumer_r2_slice(model, prof, _loader(x, y + 5), "taylor", 0.5, progress=False)
     with pytest.raises(TypeError):
@@ -180,21 +197,29 @@ def test_bad_inputs(setup):
 
 # ---- rankings: silent neurons last -------------------------------------------------------
 
+
 def _dead_mlp():
     """fc1 has 8 units: 0-2 always dead (zero weights, bias -5), 3-7 always active; the head
     reads some active units with negative weights, so their DeepLIFT score is negative."""
     torch.manual_seed(0)
-    m = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 8), relu1=nn.ReLU(),
-                                  head=nn.Linear(8, C))).double()
+    m = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(4, 8), relu1=nn.ReLU(), head=nn.Linear(8, C))
+    ).double()
     with torch.no_grad():
         m.fc1.weight.copy_(torch.rand(8, 4, dtype=torch.float64) + 0.2)
         m.fc1.bias.fill_(0.5)
         m.fc1.weight[:3] = 0.0
         m.fc1.bias[:3] = -5.0
-        m.head.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, -2.0, 1.5, -1.0, 0.5, -0.7],
-                                          [1.0, 1.0, 1.0, -1.0, -2.0, 0.7, 0.4, 0.9],
-                                          [1.0, 1.0, 1.0, 0.6, -0.5, -1.5, 1.2, -0.3]],
-                                         dtype=torch.float64))
+        m.head.weight.copy_(
+            torch.tensor(
+                [
+                    [1.0, 1.0, 1.0, -2.0, 1.5, -1.0, 0.5, -0.7],
+                    [1.0, 1.0, 1.0, -1.0, -2.0, 0.7, 0.4, 0.9],
+                    [1.0, 1.0, 1.0, 0.6, -0.5, -1.5, 1.2, -0.3],
+                ],
+                dtype=torch.float64,
+            )
+        )
     return m.eval()
 
 
@@ -204,9 +229,15 @@ def test_ranking_puts_silent_neurons_last(metric):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(60, 4, generator=g, dtype=torch.float64)
     y = torch.arange(60) % C
-    prof = neuslice.profile(model, _loader(x, y, 20), C, layers=["fc1"],
-                            metrics=("avg", "var", "taylor", "deeplift", "taylor_act"),
-                            hsic=False, progress=False)
+    prof = neuslice.profile(
+        model,
+        _loader(x, y, 20),
+        C,
+        layers=["fc1"],
+        metrics=("avg", "var", "taylor", "deeplift", "taylor_act"),
+        hsic=False,
+        progress=False,
+    )
     dead = {0, 1, 2}
     for cat in (None, 0, 1, 2):
         s = prof.scores("fc1", metric, cat)
@@ -229,8 +260,9 @@ def test_magnitude_ranking_nan_last_and_stable():
 
 def test_semantic_slice_criterion_keyword(setup):
     model, x, y, prof = setup
-    a = neuslice.semantic_slice(prof, "taylor", 0.5, criterion="consumer_r2", model=model,
-                                loader=_loader(x, y))
+    a = neuslice.semantic_slice(
+        prof, "taylor", 0.5, criterion="consumer_r2", model=model, loader=_loader(x, y)
+    )
     b = consumer_r2_slice(model, prof, _loader(x, y), "taylor", 0.5, progress=False)
     assert all(torch.equal(a.masks[l], b.masks[l]) for l in prof.layers)
     default = neuslice.semantic_slice(prof, "taylor", 0.5)

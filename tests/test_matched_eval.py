@@ -19,10 +19,18 @@ C = 3
 
 def _cnn(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(1, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(),
-        pool1=nn.MaxPool2d(2), flatten=nn.Flatten(), fc1=nn.Linear(8 * 4 * 4, 48),
-        relu2=nn.ReLU(), head=nn.Linear(48, C))).eval()
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 8, 3, padding=1),
+            bn1=nn.BatchNorm2d(8),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(8 * 4 * 4, 48),
+            relu2=nn.ReLU(),
+            head=nn.Linear(48, C),
+        )
+    ).eval()
 
 
 def _data(n=60, seed=0):
@@ -55,7 +63,7 @@ class _Stub:
 
 def test_bisect_hits_target_on_continuous_knob():
     for target in (0.1, 0.5, 0.83):
-        k, s, r = M.bisect_rate(lambda v: _Stub(1 - v ** 2), None, target, tol=1e-4)
+        k, s, r = M.bisect_rate(lambda v: _Stub(1 - v**2), None, target, tol=1e-4)
         assert math.isfinite(r) and abs(r - target) <= 1e-4
         assert math.isclose(k, math.sqrt(1 - target), abs_tol=1e-3)
 
@@ -83,6 +91,7 @@ def test_bisect_hits_target_on_small_model(cases, knob):
 
 def test_paired_stats_against_scipy_and_by_hand():
     from scipy import stats
+
     a, b = [1.0, 2.0, 3.0], [0.0, 0.0, 1.0]
     st = M.paired_stats(a, b)
     assert math.isclose(st["mean_diff"], 5 / 3)
@@ -99,11 +108,18 @@ def test_paired_stats_against_scipy_and_by_hand():
 
 def test_run_end_to_end(cases, tmp_path):
     crit = [M.paper_semantic(), M.consumer_semantic(samples=16)]
-    rows = M.run(cases, metrics=("taylor",), targets=(0.5,), criteria=crit, thresholds=(0.9,),
-                 progress=False)
+    rows = M.run(
+        cases, metrics=("taylor",), targets=(0.5,), criteria=crit, thresholds=(0.9,), progress=False
+    )
     strategies = {r.strategy for r in rows}
-    assert {"global", "categorywise", "random", "global@sizes", crit[0].name,
-            crit[1].name} <= strategies
+    assert {
+        "global",
+        "categorywise",
+        "random",
+        "global@sizes",
+        crit[0].name,
+        crit[1].name,
+    } <= strategies
     for r in rows:
         assert math.isfinite(r.acc) and 0.0 <= r.acc <= 1.0
         assert math.isfinite(r.acc_plain) and 0.0 <= r.acc_plain <= 1.0
@@ -111,14 +127,16 @@ def test_run_end_to_end(cases, tmp_path):
         assert math.isfinite(r.rate)
     for r in rows:  # global@sizes and random keep the criterion's per-layer sizes
         if r.strategy in ("random", "global@sizes"):
-            own = [q for q in rows if q.seed == r.seed and q.setting == r.setting
-                   and q.strategy == r.criterion]
+            own = [
+                q
+                for q in rows
+                if q.seed == r.seed and q.setting == r.setting and q.strategy == r.criterion
+            ]
             assert own and own[0].kept == r.kept
     base = [r for r in rows if r.strategy == "global" and r.setting == "target 50%"]
     assert len(base) == 3 and all(abs(r.rate - 0.5) <= 0.04 for r in base)
     summ = M.summarise(rows)
-    rec = [s for s in summ if s["setting"] == "target 50%"
-           and s["criterion"] == crit[1].name][0]
+    rec = [s for s in summ if s["setting"] == "target 50%" and s["criterion"] == crit[1].name][0]
     assert rec["strategies"][crit[1].name]["n"] == 3 and "global" in rec["vs"]
     table = M.format_table(rows)
     assert "global@sizes" in table and "target 50%" in table and "θ=0.9" in table

@@ -41,9 +41,23 @@ try:
 except ImportError:  # pragma: no cover - older layout
     from neuslice._scores import ranking
 
-__all__ = ["Case", "Knob", "Row", "paper_semantic", "consumer_semantic", "global_knob",
-           "categorywise_knob", "bisect_rate", "global_at_sizes", "paired_stats", "run",
-           "summarise", "format_table", "plot", "DEFAULT_TARGETS"]
+__all__ = [
+    "Case",
+    "Knob",
+    "Row",
+    "paper_semantic",
+    "consumer_semantic",
+    "global_knob",
+    "categorywise_knob",
+    "bisect_rate",
+    "global_at_sizes",
+    "paired_stats",
+    "run",
+    "summarise",
+    "format_table",
+    "plot",
+    "DEFAULT_TARGETS",
+]
 
 DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -82,14 +96,14 @@ class Row:
     model: str
     seed: int
     metric: str
-    setting: str            # "target 70%" or "rate of <criterion> θ=0.9"
-    target: float           # the compression rate aimed at
-    criterion: str          # the semantic criterion this setting belongs to ("" for shared)
+    setting: str  # "target 70%" or "rate of <criterion> θ=0.9"
+    target: float  # the compression rate aimed at
+    criterion: str  # the semantic criterion this setting belongs to ("" for shared)
     strategy: str
     knob: float | None
     rate: float
-    acc: float              # BN re-estimated under the mask (plain masking if no BN)
-    acc_plain: float        # plain masking, training statistics
+    acc: float  # BN re-estimated under the mask (plain masking if no BN)
+    acc_plain: float  # plain masking, training statistics
     reestimated: bool
     kept: dict = field(default_factory=dict)
 
@@ -100,24 +114,40 @@ class Row:
 
 # ---- strategies ------------------------------------------------------------------------
 
+
 def paper_semantic(name: str = "semantic (layer CKA)") -> Knob:
     """The paper's criterion: :func:`neuslice.semantic_slice` (knob: CKA threshold)."""
-    return Knob(name, lambda case, metric, t: neuslice.semantic_slice(case.profile, metric, t),
-                controls=True)
+    return Knob(
+        name,
+        lambda case, metric, t: neuslice.semantic_slice(case.profile, metric, t),
+        controls=True,
+    )
 
 
-def consumer_semantic(name: str = "semantic (consumer R²)", samples: int = 128,
-                      after_norm: bool = False, centre: str = "category") -> Knob:
+def consumer_semantic(
+    name: str = "semantic (consumer R²)",
+    samples: int = 128,
+    after_norm: bool = False,
+    centre: str = "category",
+) -> Knob:
     """The consumer-R² criterion (:mod:`neuslice.consumer`); curves cached per case/metric."""
     from neuslice.consumer import consumer_r2_curves
+
     cache: dict = {}
 
     def make(case, metric, t):
         key = (id(case), metric)
         if key not in cache:
-            cache[key] = consumer_r2_curves(case.model, case.profile, case.train_loader, metric,
-                                            samples=samples, after_norm=after_norm,
-                                            centre=centre, progress=False)
+            cache[key] = consumer_r2_curves(
+                case.model,
+                case.profile,
+                case.train_loader,
+                metric,
+                samples=samples,
+                after_norm=after_norm,
+                centre=centre,
+                progress=False,
+            )
         return cache[key].slice(t)
 
     return Knob(name, make, controls=True)
@@ -128,8 +158,9 @@ def global_knob() -> Knob:
 
 
 def categorywise_knob() -> Knob:
-    return Knob("categorywise",
-                lambda case, metric, r: neuslice.categorywise_slice(case.profile, metric, r))
+    return Knob(
+        "categorywise", lambda case, metric, r: neuslice.categorywise_slice(case.profile, metric, r)
+    )
 
 
 def global_at_sizes(profile, metric: str, like: Slice) -> Slice:
@@ -138,18 +169,31 @@ def global_at_sizes(profile, metric: str, like: Slice) -> Slice:
     for layer, m in like.masks.items():
         order = ranking(profile.scores(layer, metric))
         mask = torch.zeros(m.numel(), dtype=torch.bool)
-        mask[order[:int(m.sum())].cpu()] = True
+        mask[order[: int(m.sum())].cpu()] = True
         masks[layer] = mask
-    return Slice(masks=masks, strategy="global@sizes", metric=metric,
-                 fingerprint=like.fingerprint, input_shape=list(like.input_shape),
-                 threshold=like.threshold, ratio=like.ratio)
+    return Slice(
+        masks=masks,
+        strategy="global@sizes",
+        metric=metric,
+        fingerprint=like.fingerprint,
+        input_shape=list(like.input_shape),
+        threshold=like.threshold,
+        ratio=like.ratio,
+    )
 
 
 # ---- search ----------------------------------------------------------------------------
 
-def bisect_rate(make: Callable[[float], Slice], model: nn.Module, target: float,
-                lo: float = 1e-4, hi: float = 1.0, tol: float = 0.005,
-                iters: int = 40) -> tuple[float, Slice, float]:
+
+def bisect_rate(
+    make: Callable[[float], Slice],
+    model: nn.Module,
+    target: float,
+    lo: float = 1e-4,
+    hi: float = 1.0,
+    tol: float = 0.005,
+    iters: int = 40,
+) -> tuple[float, Slice, float]:
     """Bisect a knob whose slice's compression rate does not increase with it to ``target``.
 
     Returns ``(knob, slice, rate)`` of the slice whose rate is closest to ``target`` (first
@@ -189,6 +233,7 @@ def bisect_rate(make: Callable[[float], Slice], model: nn.Module, target: float,
 
 # ---- evaluation --------------------------------------------------------------------------
 
+
 def _accuracy(model: nn.Module, sl: Slice, x: torch.Tensor, y: torch.Tensor, bs: int) -> float:
     correct = 0
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -197,8 +242,8 @@ def _accuracy(model: nn.Module, sl: Slice, x: torch.Tensor, y: torch.Tensor, bs:
         model.eval()
         with torch.no_grad(), neuslice.masked(model, sl):
             for i in range(0, len(y), bs):
-                pred = model(x[i:i + bs].to(dev)).argmax(1).cpu()
-                correct += int((pred == y[i:i + bs].cpu()).sum())
+                pred = model(x[i : i + bs].to(dev)).argmax(1).cpu()
+                correct += int((pred == y[i : i + bs].cpu()).sum())
     finally:
         for m, t in training.items():
             m.train(t)
@@ -211,18 +256,28 @@ def _evaluate(case: Case, sl: Slice, reestimate: bool) -> tuple[float, float, bo
     if not (reestimate and case.has_bn):
         return plain, plain, False
     if case.train_loader is None:
-        raise ValueError(f"case {case.name}/{case.seed} has BatchNorm but no train_loader to "
-                         f"re-estimate its statistics (or pass reestimate=False)")
-    copy = neuslice.recalibrate_batchnorm(case.model, sl, case.train_loader,
-                                          num_batches=case.recal_batches, progress=False)
+        raise ValueError(
+            f"case {case.name}/{case.seed} has BatchNorm but no train_loader to "
+            f"re-estimate its statistics (or pass reestimate=False)"
+        )
+    copy = neuslice.recalibrate_batchnorm(
+        case.model, sl, case.train_loader, num_batches=case.recal_batches, progress=False
+    )
     return _accuracy(copy, sl, x, y, case.batch_size), plain, True
 
 
-def run(cases: Sequence[Case], metrics: Sequence[str] = ("taylor", "deeplift"),
-        targets: Sequence[float] = DEFAULT_TARGETS, criteria: Sequence[Knob] | None = None,
-        baselines: Sequence[Knob] | None = None, thresholds: Sequence[float] = (),
-        reestimate: bool = True, random_repeats: int = 1, tol: float = 0.005,
-        progress: bool = True) -> list[Row]:
+def run(
+    cases: Sequence[Case],
+    metrics: Sequence[str] = ("taylor", "deeplift"),
+    targets: Sequence[float] = DEFAULT_TARGETS,
+    criteria: Sequence[Knob] | None = None,
+    baselines: Sequence[Knob] | None = None,
+    thresholds: Sequence[float] = (),
+    reestimate: bool = True,
+    random_repeats: int = 1,
+    tol: float = 0.005,
+    progress: bool = True,
+) -> list[Row]:
     """Evaluate ``criteria`` (semantic knobs) against ``baselines`` at matched compression.
 
     For every case, metric and target, each criterion and baseline is bisected to the target;
@@ -243,32 +298,72 @@ def run(cases: Sequence[Case], metrics: Sequence[str] = ("taylor", "deeplift"),
 
     def emit(case, metric, setting, target, crit, strategy, knob, sl):
         acc, plain, re = _evaluate(case, sl, reestimate)
-        rows.append(Row(case.name, case.seed, metric, setting, float(target), crit, strategy,
-                        None if knob is None else float(knob), float(sl.compression_rate(case.model)),
-                        acc, plain, re, sl.kept()))
+        rows.append(
+            Row(
+                case.name,
+                case.seed,
+                metric,
+                setting,
+                float(target),
+                crit,
+                strategy,
+                None if knob is None else float(knob),
+                float(sl.compression_rate(case.model)),
+                acc,
+                plain,
+                re,
+                sl.kept(),
+            )
+        )
 
     def controls(case, metric, setting, target, crit, sl):
-        accs = [_evaluate(case, neuslice.random_slice(sl, seed=s), reestimate)
-                for s in range(random_repeats)]
+        accs = [
+            _evaluate(case, neuslice.random_slice(sl, seed=s), reestimate)
+            for s in range(random_repeats)
+        ]
         if accs:
             rate = float(sl.compression_rate(case.model))
-            rows.append(Row(case.name, case.seed, metric, setting, float(target), crit, "random",
-                            None, rate, float(np.mean([a[0] for a in accs])),
-                            float(np.mean([a[1] for a in accs])), accs[0][2], sl.kept()))
-        emit(case, metric, setting, target, crit, "global@sizes", None,
-             global_at_sizes(case.profile, metric, sl))
+            rows.append(
+                Row(
+                    case.name,
+                    case.seed,
+                    metric,
+                    setting,
+                    float(target),
+                    crit,
+                    "random",
+                    None,
+                    rate,
+                    float(np.mean([a[0] for a in accs])),
+                    float(np.mean([a[1] for a in accs])),
+                    accs[0][2],
+                    sl.kept(),
+                )
+            )
+        emit(
+            case,
+            metric,
+            setting,
+            target,
+            crit,
+            "global@sizes",
+            None,
+            global_at_sizes(case.profile, metric, sl),
+        )
 
     jobs = [(c, m) for c in cases for m in metrics]
     for case, metric in tqdm(jobs, desc="matched compression", disable=not progress):
         for t in targets:
             setting = f"target {round(100 * t)}%"
             for kb in baselines:
-                k, sl, _ = bisect_rate(lambda v: kb.make(case, metric, v), case.model, t,
-                                       kb.lo, kb.hi, tol)
+                k, sl, _ = bisect_rate(
+                    lambda v: kb.make(case, metric, v), case.model, t, kb.lo, kb.hi, tol
+                )
                 emit(case, metric, setting, t, "", kb.name, k, sl)
             for kc in criteria:
-                k, sl, _ = bisect_rate(lambda v: kc.make(case, metric, v), case.model, t,
-                                       kc.lo, kc.hi, tol)
+                k, sl, _ = bisect_rate(
+                    lambda v: kc.make(case, metric, v), case.model, t, kc.lo, kc.hi, tol
+                )
                 emit(case, metric, setting, t, kc.name, kc.name, k, sl)
                 if kc.controls:
                     controls(case, metric, setting, t, kc.name, sl)
@@ -281,13 +376,20 @@ def run(cases: Sequence[Case], metrics: Sequence[str] = ("taylor", "deeplift"),
                 if kc.controls:
                     controls(case, metric, setting, r, kc.name, sl)
                 for kb in baselines:
-                    k, bsl, _ = bisect_rate(lambda v: kb.make(case, metric, v), case.model,
-                                            min(max(r, 0.0), 0.999), kb.lo, kb.hi, tol)
+                    k, bsl, _ = bisect_rate(
+                        lambda v: kb.make(case, metric, v),
+                        case.model,
+                        min(max(r, 0.0), 0.999),
+                        kb.lo,
+                        kb.hi,
+                        tol,
+                    )
                     emit(case, metric, setting, r, kc.name, kb.name, k, bsl)
     return rows
 
 
 # ---- statistics ------------------------------------------------------------------------
+
 
 def paired_stats(a: Sequence[float], b: Sequence[float]) -> dict:
     """Paired comparison of ``a`` vs ``b`` (same seeds): mean difference, its sd, the paired
@@ -303,6 +405,7 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> dict:
     p = float("nan")
     if n > 1 and math.isfinite(sd) and sd > 0:
         from scipy import stats
+
         p = float(stats.ttest_rel(a, b).pvalue)
     d = mean / sd if (math.isfinite(sd) and sd > 0) else float("nan")
     return {"n": n, "mean_diff": mean, "sd_diff": sd, "p": p, "d": d}
@@ -324,19 +427,33 @@ def summarise(rows: Sequence[Row], field_: str = "acc") -> list[dict]:
             for r in mine:
                 by.setdefault(r.strategy, {})[r.seed] = r
             seeds = sorted(by[crit])
-            rec = {"model": model, "metric": metric, "setting": setting, "criterion": crit,
-                   "target": rs[0].target, "seeds": seeds, "strategies": {}, "vs": {}}
+            rec = {
+                "model": model,
+                "metric": metric,
+                "setting": setting,
+                "criterion": crit,
+                "target": rs[0].target,
+                "seeds": seeds,
+                "strategies": {},
+                "vs": {},
+            }
             for s, bys in by.items():
                 vals = [getattr(bys[k], field_) for k in seeds if k in bys]
                 rates = [bys[k].rate for k in seeds if k in bys]
-                rec["strategies"][s] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"),
-                                        "rate": float(np.mean(rates)), "n": len(vals)}
+                rec["strategies"][s] = {
+                    "mean": float(np.mean(vals)),
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"),
+                    "rate": float(np.mean(rates)),
+                    "n": len(vals),
+                }
             for s, bys in by.items():
                 if s == crit:
                     continue
                 common = [k for k in seeds if k in bys]
-                rec["vs"][s] = paired_stats([getattr(by[crit][k], field_) for k in common],
-                                            [getattr(bys[k], field_) for k in common])
+                rec["vs"][s] = paired_stats(
+                    [getattr(by[crit][k], field_) for k in common],
+                    [getattr(bys[k], field_) for k in common],
+                )
             rec["reached"] = all(by[crit][k].reached for k in seeds)
             out.append(rec)
     return out
@@ -358,13 +475,19 @@ def format_table(rows: Sequence[Row], field_: str = "acc") -> str:
     """Markdown table: per model/metric/setting/criterion, accuracies (mean±std %, seeds),
     compression rate, and Δ (p, d) of the criterion vs global, category-wise, global@sizes and
     random. ``field_="acc_plain"`` tabulates plain masking (training BN statistics)."""
-    label = "accuracy, BN re-estimated under each mask" if field_ == "acc" else \
-        "accuracy, plain masking (training BN statistics)"
-    lines = [f"({label}; mean±std over seeds, %; Δ = criterion − other, paired t-test p, "
-             f"Cohen's d; * = criterion's rate misses the target by > 2 points)", "",
-             "| model | metric | setting | criterion | rate | criterion | global | categorywise | "
-             "global@sizes | random | Δ global | Δ categorywise | Δ global@sizes | Δ random |",
-             "|" + "---|" * 14]
+    label = (
+        "accuracy, BN re-estimated under each mask"
+        if field_ == "acc"
+        else "accuracy, plain masking (training BN statistics)"
+    )
+    lines = [
+        f"({label}; mean±std over seeds, %; Δ = criterion − other, paired t-test p, "
+        f"Cohen's d; * = criterion's rate misses the target by > 2 points)",
+        "",
+        "| model | metric | setting | criterion | rate | criterion | global | categorywise | "
+        "global@sizes | random | Δ global | Δ categorywise | Δ global@sizes | Δ random |",
+        "|" + "---|" * 14,
+    ]
     for rec in summarise(rows, field_):
         st = rec["strategies"]
         c = st[rec["criterion"]]
@@ -380,7 +503,8 @@ def format_table(rows: Sequence[Row], field_: str = "acc") -> str:
             f"| {rec['model']} | {rec['metric']} | {rec['setting']} | {rec['criterion']} | "
             f"{100 * c['rate']:.1f}{star} | {cell(rec['criterion'])} | {cell('global')} | "
             f"{cell('categorywise')} | {cell('global@sizes')} | {cell('random')} | {vs('global')} | "
-            f"{vs('categorywise')} | {vs('global@sizes')} | {vs('random')} |")
+            f"{vs('categorywise')} | {vs('global@sizes')} | {vs('random')} |"
+        )
     return "\n".join(lines)
 
 
@@ -389,6 +513,7 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
     per strategy (mean ± std over seeds), the same colour for a strategy in every panel;
     dashed: random slices with a criterion's per-layer sizes. Written as a PNG (Agg)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -406,13 +531,20 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
     colour = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
     models = sorted({r.model for r in rows})
     metrics = sorted({r.metric for r in rows})
-    fig, axes = plt.subplots(len(models), len(metrics), squeeze=False,
-                             figsize=(4.4 * len(metrics), 3.1 * len(models) + 0.9))
+    fig, axes = plt.subplots(
+        len(models),
+        len(metrics),
+        squeeze=False,
+        figsize=(4.4 * len(metrics), 3.1 * len(models) + 0.9),
+    )
     for i, model in enumerate(models):
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
-            rs = [r for r in rows if r.model == model and r.metric == metric
-                  and r.strategy != "global@sizes"]
+            rs = [
+                r
+                for r in rows
+                if r.model == model and r.metric == metric and r.strategy != "global@sizes"
+            ]
             for lab in labels:
                 pts: dict = {}
                 for r in rs:
@@ -424,19 +556,40 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
                 mx = [100 * np.mean([p[0] for p in pts[t]]) for t in xs]
                 my = [100 * np.mean([p[1] for p in pts[t]]) for t in xs]
                 sy = [100 * np.std([p[1] for p in pts[t]]) for t in xs]
-                ax.errorbar(mx, my, yerr=sy, fmt="o" + ("--" if lab.startswith("random") else "-"),
-                            ms=3, capsize=2, color=colour[lab], label=lab)
+                ax.errorbar(
+                    mx,
+                    my,
+                    yerr=sy,
+                    fmt="o" + ("--" if lab.startswith("random") else "-"),
+                    ms=3,
+                    capsize=2,
+                    color=colour[lab],
+                    label=lab,
+                )
             ax.set_title(f"{model} / {metric}", fontsize=9)
             ax.set_xlabel("compression rate (% of parameters)", fontsize=8)
             ax.set_ylabel("test accuracy (%)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
-    handles = [plt.Line2D([], [], color=colour[lab], marker="o", ms=3,
-                          ls="--" if lab.startswith("random") else "-", label=lab) for lab in labels]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            color=colour[lab],
+            marker="o",
+            ms=3,
+            ls="--" if lab.startswith("random") else "-",
+            label=lab,
+        )
+        for lab in labels
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(3, len(labels)), fontsize=7)
     seeds = sorted({r.seed for r in rows})
-    note = "BN statistics re-estimated under each mask" if field_ == "acc" else \
-        "plain masking (training BN statistics)"
+    note = (
+        "BN statistics re-estimated under each mask"
+        if field_ == "acc"
+        else "plain masking (training BN statistics)"
+    )
     fig.suptitle(f"Matched compression, {note}; mean ± std over seeds {seeds}", fontsize=10)
     fig.tight_layout(rect=(0, 0.9 / (3.1 * len(models) + 0.9) + 0.02, 1, 0.97))
     fig.savefig(path, dpi=110)
