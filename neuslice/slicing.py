@@ -38,8 +38,9 @@ def _decode(text: str, size: int) -> torch.Tensor:
     if not isinstance(text, str):
         raise TypeError(f"a mask must be a hex string, got {type(text).__name__}")
     if len(text) != 2 * ((size + 7) // 8):
-        raise ValueError(f"a mask of {size} neurons needs {2 * ((size + 7) // 8)} hex digits, "
-                         f"got {len(text)}")
+        raise ValueError(
+            f"a mask of {size} neurons needs {2 * ((size + 7) // 8)} hex digits, got {len(text)}"
+        )
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8), count=size)
     return torch.from_numpy(bits.astype(bool))
 
@@ -87,13 +88,15 @@ class Slice:
             raise ValueError(
                 f"this slice was made for a different model (fingerprint {self.fingerprint}, "
                 f"model has {fp}: other layer names, shapes or module types). Profile and "
-                f"slice this model instead.")
+                f"slice this model instead."
+            )
         layers = find_layers(model, self.layers)
         for l in layers:
             if l.num_neurons != self.masks[l.name].numel():
                 raise ValueError(
                     f"layer {l.name!r} has {l.num_neurons} neurons but the slice's mask has "
-                    f"{self.masks[l.name].numel()}.")
+                    f"{self.masks[l.name].numel()}."
+                )
         return layers
 
     def compression_rate(self, model: nn.Module) -> float:
@@ -115,8 +118,9 @@ class Slice:
             removed += r * (l.own_params_per_neuron + l.pass_params_per_neuron)
             for consumer, width in l.consumers:
                 m = modules[consumer]
-                out_units = m.out_channels if isinstance(m, nn.ConvTranspose2d) else \
-                    m.weight.shape[0]
+                out_units = (
+                    m.out_channels if isinstance(m, nn.ConvTranspose2d) else m.weight.shape[0]
+                )
                 rows = kept_rows.get(consumer, out_units)
                 removed += r * width * rows
         total = sum(p.numel() for p in model.parameters())
@@ -125,14 +129,20 @@ class Slice:
     # ---- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": _FORMAT, "version": _VERSION, "strategy": self.strategy,
-            "metric": self.metric, "ratio": self.ratio, "threshold": self.threshold,
-            "fingerprint": self.fingerprint, "input_shape": self.input_shape,
+            "format": _FORMAT,
+            "version": _VERSION,
+            "strategy": self.strategy,
+            "metric": self.metric,
+            "ratio": self.ratio,
+            "threshold": self.threshold,
+            "fingerprint": self.fingerprint,
+            "input_shape": self.input_shape,
             "kept": {k: f"{v}/{self.sizes()[k]}" for k, v in self.kept().items()},
             "sizes": self.sizes(),
             "masks": {k: _encode(m) for k, m in self.masks.items()},
-            "category_masks": None if self.category_masks is None else {
-                k: [_encode(row) for row in m] for k, m in self.category_masks.items()},
+            "category_masks": None
+            if self.category_masks is None
+            else {k: [_encode(row) for row in m] for k, m in self.category_masks.items()},
             "notes": self.notes,
         }
 
@@ -157,19 +167,37 @@ class Slice:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise ValueError(f"{path} is not a valid neuslice slice file (edited, corrupt or "
-                             f"truncated?): {type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"{path} is not a valid neuslice slice file (edited, corrupt or "
+                f"truncated?): {type(exc).__name__}: {exc}"
+            ) from exc
 
     @classmethod
     def _from_file_dict(cls, d) -> "Slice":
         if not isinstance(d, dict):
             raise ValueError(f"the file holds a JSON {type(d).__name__}, not an object")
         if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-            raise ValueError(f"field 'format'/'version': {d.get('format')!r} version "
-                             f"{d.get('version')!r}, expected {_FORMAT!r} version {_VERSION}")
-        missing = [k for k in ("strategy", "metric", "ratio", "threshold", "fingerprint",
-                               "input_shape", "kept", "sizes", "masks", "category_masks",
-                               "notes") if k not in d]
+            raise ValueError(
+                f"field 'format'/'version': {d.get('format')!r} version "
+                f"{d.get('version')!r}, expected {_FORMAT!r} version {_VERSION}"
+            )
+        missing = [
+            k
+            for k in (
+                "strategy",
+                "metric",
+                "ratio",
+                "threshold",
+                "fingerprint",
+                "input_shape",
+                "kept",
+                "sizes",
+                "masks",
+                "category_masks",
+                "notes",
+            )
+            if k not in d
+        ]
         if missing:
             raise ValueError(f"field(s) {missing} missing")
         sizes, masks_hex, kept = d["sizes"], d["masks"], d["kept"]
@@ -180,8 +208,10 @@ class Slice:
             raise ValueError(f"field 'sizes' must map layers to positive ints, got {sizes!r:.200}")
         for name, v in (("masks", masks_hex), ("kept", kept)):
             if set(v) != set(sizes):
-                raise ValueError(f"field {name!r} has layers {sorted(v)} but 'sizes' has "
-                                 f"{sorted(sizes)} (a layer is missing)")
+                raise ValueError(
+                    f"field {name!r} has layers {sorted(v)} but 'sizes' has "
+                    f"{sorted(sizes)} (a layer is missing)"
+                )
         masks = {}
         for k, v in masks_hex.items():
             try:
@@ -190,16 +220,23 @@ class Slice:
                 raise ValueError(f"field 'masks', layer {k!r}: {exc}") from exc
         for k, v in kept.items():
             parts = v.split("/") if isinstance(v, str) else []
-            if len(parts) != 2 or not parts[0].isdigit() or parts[1] != str(sizes[k]) or \
-                    int(parts[0]) != int(masks[k].sum()):
-                raise ValueError(f"field 'kept', layer {k!r}: {v!r} does not match its mask "
-                                 f"({int(masks[k].sum())}/{sizes[k]})")
+            if (
+                len(parts) != 2
+                or not parts[0].isdigit()
+                or parts[1] != str(sizes[k])
+                or int(parts[0]) != int(masks[k].sum())
+            ):
+                raise ValueError(
+                    f"field 'kept', layer {k!r}: {v!r} does not match its mask "
+                    f"({int(masks[k].sum())}/{sizes[k]})"
+                )
         cat = None
         if d["category_masks"] is not None:
             rows_hex = d["category_masks"]
             if not isinstance(rows_hex, dict) or set(rows_hex) != set(sizes):
-                raise ValueError(f"field 'category_masks' must hold every layer of 'sizes' "
-                                 f"({sorted(sizes)})")
+                raise ValueError(
+                    f"field 'category_masks' must hold every layer of 'sizes' ({sorted(sizes)})"
+                )
             cat = {}
             for k, rows in rows_hex.items():
                 if not isinstance(rows, list) or not rows:
@@ -209,15 +246,19 @@ class Slice:
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"field 'category_masks', layer {k!r}: {exc}") from exc
                 if not torch.equal(cat[k].any(0), masks[k]):
-                    raise ValueError(f"field 'category_masks', layer {k!r}: the union of the "
-                                     f"category masks is not the layer's mask")
+                    raise ValueError(
+                        f"field 'category_masks', layer {k!r}: the union of the "
+                        f"category masks is not the layer's mask"
+                    )
             if len({m.shape[0] for m in cat.values()}) != 1:
-                raise ValueError("field 'category_masks': layers have different numbers of "
-                                 "categories")
+                raise ValueError(
+                    "field 'category_masks': layers have different numbers of categories"
+                )
         shape = d["input_shape"]
         if not isinstance(shape, list) or not all(_pos_int(v) for v in shape):
-            raise ValueError(f"field 'input_shape' must be a list of positive ints, got "
-                             f"{shape!r:.80}")
+            raise ValueError(
+                f"field 'input_shape' must be a list of positive ints, got {shape!r:.80}"
+            )
         for name in ("strategy", "fingerprint"):
             if not isinstance(d[name], str) or not d[name]:
                 raise ValueError(f"field {name!r} must be a non-empty string, got {d[name]!r:.80}")
@@ -225,23 +266,39 @@ class Slice:
             raise ValueError(f"field 'metric' must be a string or null, got {d['metric']!r:.80}")
         for name in ("ratio", "threshold"):
             v = d[name]
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
-                                  not math.isfinite(v) or not 0 <= v <= 1):
+            if v is not None and (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or not 0 <= v <= 1
+            ):
                 raise ValueError(f"field {name!r} must be null or a number in [0, 1], got {v!r}")
         notes = d["notes"]
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise ValueError("field 'notes' must be a list of strings")
         # last, so that a damaged field is named; files of neuslice 0.1 carry no checksum
         if "checksum" in d and d["checksum"] != content_digest(
-                {k: v for k, v in d.items() if k != "checksum"}):
-            raise ValueError("field 'checksum' does not match the content: the file was edited "
-                             "or damaged after it was written")
-        return cls(masks=masks, strategy=d["strategy"], metric=d["metric"],
-                   fingerprint=d["fingerprint"], input_shape=shape, category_masks=cat,
-                   ratio=d["ratio"], threshold=d["threshold"], notes=notes)
+            {k: v for k, v in d.items() if k != "checksum"}
+        ):
+            raise ValueError(
+                "field 'checksum' does not match the content: the file was edited "
+                "or damaged after it was written"
+            )
+        return cls(
+            masks=masks,
+            strategy=d["strategy"],
+            metric=d["metric"],
+            fingerprint=d["fingerprint"],
+            input_shape=shape,
+            category_masks=cat,
+            ratio=d["ratio"],
+            threshold=d["threshold"],
+            notes=notes,
+        )
 
 
 # ---- strategies ------------------------------------------------------------------------
+
 
 def _check_profile(profile) -> None:
     if not isinstance(profile, Profile):
@@ -249,17 +306,26 @@ def _check_profile(profile) -> None:
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = ranking(scores)
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[order[:k].cpu()] = True
     return mask
 
 
-def _make(profile: Profile, strategy, metric, masks, cat=None, ratio=None, threshold=None,
-          notes=()):
-    return Slice(masks=masks, strategy=strategy, metric=metric,
-                 fingerprint=profile.fingerprint, input_shape=list(profile.input_shape),
-                 category_masks=cat, ratio=ratio, threshold=threshold, notes=list(notes))
+def _make(
+    profile: Profile, strategy, metric, masks, cat=None, ratio=None, threshold=None, notes=()
+):
+    return Slice(
+        masks=masks,
+        strategy=strategy,
+        metric=metric,
+        fingerprint=profile.fingerprint,
+        input_shape=list(profile.input_shape),
+        category_masks=cat,
+        ratio=ratio,
+        threshold=threshold,
+        notes=list(notes),
+    )
 
 
 def global_slice(profile: Profile, metric: str, ratio: float) -> Slice:
@@ -291,20 +357,49 @@ def categorywise_slice(profile: Profile, metric: str, ratio: float) -> Slice:
     return _make(profile, "categorywise", metric, masks, cat, ratio=ratio)
 
 
-def semantic_slice(profile: Profile, metric: str, threshold: float, step: int = 1) -> Slice:
+def semantic_slice(
+    profile: Profile,
+    metric: str,
+    threshold: float,
+    step: int = 1,
+    *,
+    criterion: str = "layer_cka",
+    model: nn.Module | None = None,
+    loader=None,
+) -> Slice:
     """Per layer and category, the smallest top-scored prefix whose CKA with the layer reaches
     ``threshold``; the union over categories (the paper's Eq. 4).
 
     ``step`` rounds each prefix up to a multiple of ``step`` neurons, like the paper's scan
     with increment ``step``. Categories without enough samples for CKA are skipped (noted).
+
+    ``criterion="consumer_r2"`` uses :func:`neuslice.consumer.consumer_r2_slice` instead (the
+    prefix must explain ``threshold`` of the consumer layers' centred pre-activation variance;
+    it does not starve conv layers); it runs the model, so ``model`` and ``loader`` (batches of
+    ``(inputs, labels)``) are required, and ``step`` must be 1.
     """
+    if criterion == "consumer_r2":
+        if model is None or loader is None:
+            raise ValueError(
+                "criterion='consumer_r2' runs the model's consumer layers on each "
+                "category's inputs: pass model=... and loader=..."
+            )
+        if step != 1:
+            raise ValueError("step is not supported with criterion='consumer_r2'")
+        from .consumer import consumer_r2_slice
+
+        return consumer_r2_slice(model, profile, loader, metric, threshold)
+    if criterion != "layer_cka":
+        raise ValueError(f"criterion must be 'layer_cka' or 'consumer_r2', got {criterion!r}")
     _check_profile(profile)
     threshold = check_fraction("threshold", threshold)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be a positive int, got {step!r}")
     if not profile.hsic_routes:
-        raise ValueError("this profile has no neuron-HSIC matrices (it was made with hsic=False); "
-                         "semantic slicing needs them: profile again with hsic=True.")
+        raise ValueError(
+            "this profile has no neuron-HSIC matrices (it was made with hsic=False); "
+            "semantic slicing needs them: profile again with hsic=True."
+        )
     masks, cat, notes = {}, {}, []
     for layer in profile.layers:
         d = profile.num_neurons[layer]
@@ -340,5 +435,12 @@ def random_slice(like: Slice, seed: int = 0) -> Slice:
         r = torch.zeros(m.numel(), dtype=torch.bool)
         r[keep] = True
         masks[layer] = r
-    return Slice(masks=masks, strategy="random", metric=None, fingerprint=like.fingerprint,
-                 input_shape=list(like.input_shape), ratio=like.ratio, threshold=like.threshold)
+    return Slice(
+        masks=masks,
+        strategy="random",
+        metric=None,
+        fingerprint=like.fingerprint,
+        input_shape=list(like.input_shape),
+        ratio=like.ratio,
+        threshold=like.threshold,
+    )

@@ -371,3 +371,45 @@ def test_reproduce_incite_writes_table_csv_and_plot(tmp_path, capsys):
     assert "diabetes" in out and "incite" in out
     for ext in ("txt", "csv", "png"):
         assert (tmp_path / f"incite.{ext}").stat().st_size > 0
+
+
+def test_evaluate_writes_matched_table_csv_and_plot(tmp_path, capsys):
+    from neuslice.experiments.cli import main
+
+    rc = main(
+        [
+            "-q",
+            "evaluate",
+            "--model",
+            "mlp",
+            "--data",
+            "digits",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "1",
+            "--metrics",
+            "taylor",
+            "--targets",
+            "0.6",
+            "--threads",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "target 60%" in out and "semantic (consumer R²)" in out and "categorywise" in out
+    for ext in ("txt", "csv", "png"):
+        assert (tmp_path / "out" / f"matched.{ext}").stat().st_size > 0
+
+
+def test_evaluate_refuses_targets_outside_the_unit_interval(capsys):
+    from neuslice.experiments.cli import main
+
+    assert main(["evaluate", "--targets", "1.5"]) == 2
+    assert "--targets must lie in (0, 1)" in capsys.readouterr().err

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 #: Where ``neuslice reproduce <rq>`` writes without ``--out``: ``<this>/<rq>-<setting>/``.
 DEFAULT_REPRODUCE_DIR = "neuslice-reproduce"
+DEFAULT_EVALUATE_DIR = "neuslice-evaluate"
 #: ``--setting`` choices of ``neuslice reproduce`` (the keys of ``reproduce.SETTINGS``, kept
 #: here so that ``--help`` does not import torch; a test checks they agree).
 SETTING_NAMES = ["mlp-mnist", "mlp-digits", "cnn-mnist", "vgg16-cifar10", "resnet18-cifar10"]
@@ -594,6 +595,149 @@ def _add_reproduce_incite(rsub) -> None:
 
 
 # -------------------------------------------------------------------------------------- info
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import matched
+    from .data import make_loader
+    from .train import cached_model
+
+    from .. import profile
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bad = [t for t in args.targets if not 0 < t < 1]
+    if bad:
+        print(f"neuslice evaluate: --targets must lie in (0, 1), got {bad}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    out = args.out or os.path.join(DEFAULT_EVALUATE_DIR, f"{args.model}-{args.data}")
+    logger.info(
+        "evaluate %s on %s, seeds %s, metrics %s; results go to %s",
+        args.model,
+        args.data,
+        list(args.seeds),
+        list(args.metrics),
+        out,
+    )
+    cases = []
+    for seed in args.seeds:
+        model, train, test = cached_model(
+            args.model, args.data, seed, args.epochs, args.cache_dir, device="cpu"
+        )
+        loader = make_loader(train, batch_size=256)
+        prof = profile(
+            model, loader, int(train.tensors[1].max()) + 1, metrics=args.metrics, progress=False
+        )
+        cases.append(
+            matched.Case(
+                args.model,
+                seed,
+                model,
+                prof,
+                tuple(test.tensors),
+                train_loader=make_loader(train, batch_size=128, shuffle=True, seed=seed),
+            )
+        )
+    criteria = {"layer_cka": matched.paper_semantic, "consumer_r2": matched.consumer_semantic}
+    rows = matched.run(
+        cases,
+        list(args.metrics),
+        targets=args.targets,
+        criteria=[criteria[c]() for c in args.criteria],
+        reestimate=not args.plain,
+        progress=not args.quiet,
+    )
+    text = matched.format_table(rows)
+    print(text)
+    logger.info("(%.0fs)", time.perf_counter() - t0)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, "matched")
+    with open(stem + ".txt", "w") as f:
+        f.write(text + "\n")
+    written = [stem + ".txt"]
+    if _write_csv([dataclasses.asdict(r) for r in rows], stem + ".csv"):
+        written.append(stem + ".csv")
+    try:
+        matched.plot(rows, stem + ".png")
+    except ImportError as exc:
+        logger.warning("neuslice evaluate: no plot written (%s)", exc)
+    else:
+        written.append(stem + ".png")
+    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+    return 0
+
+
+@command
+def _add_evaluate(sub) -> None:
+    from ..profiling.scores import METRICS
+    from .data import DATASETS
+    from .models import MODELS
+
+    help = (
+        "does semantic slicing win? every strategy's knob bisected to the same compression "
+        "rates, with the random floor, paired t-test p and Cohen's d over seeds"
+    )
+    e = _command(sub, "evaluate", help)
+    e.add_argument("--model", default="cnn", choices=sorted(MODELS), help="model to train")
+    e.add_argument("--data", default="mnist5k", choices=sorted(DATASETS), help="bundled data set")
+    e.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="training seeds (3 or more for p and d)",
+    )
+    e.add_argument("--epochs", type=_positive(int), default=5, help="training epochs")
+    e.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["taylor", "deeplift"],
+        choices=list(METRICS),
+        help="contribution metrics",
+    )
+    e.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.6, 0.7, 0.8, 0.9],
+        help="compression rates (fraction of parameters removed)",
+    )
+    e.add_argument(
+        "--criteria",
+        nargs="+",
+        default=["layer_cka", "consumer_r2"],
+        choices=["layer_cka", "consumer_r2"],
+        help="semantic criteria: the paper's layer CKA and the consumer R²",
+    )
+    e.add_argument(
+        "--plain",
+        action="store_true",
+        help="BatchNorm models: keep the training statistics instead of "
+        "re-estimating them under each mask (plain masking is also "
+        "reported beside the re-estimated accuracy)",
+    )
+    e.add_argument(
+        "--cache-dir",
+        default=None,
+        help="trained-model cache folder (None: $NEUSLICE_CACHE or the user cache)",
+    )
+    e.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="torch intra-op threads (None: torch's own choice)",
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"folder for the table (.txt, .csv) and the plot (.png); None: "
+        f"{DEFAULT_EVALUATE_DIR}/<model>-<data>/",
+    )
+    e.set_defaults(func=_evaluate)
+
+
 def _info(_args: argparse.Namespace) -> int:
     from ..info import main as info_main
 

@@ -36,10 +36,7 @@ from torch import nn
 import neuslice
 from neuslice import Slice
 
-try:
-    from neuslice.profiling.scores import ranking
-except ImportError:  # pragma: no cover - older layout
-    from neuslice._scores import ranking
+from neuslice.profiling.scores import ranking
 
 __all__ = [
     "Case",
@@ -475,11 +472,12 @@ def format_table(rows: Sequence[Row], field_: str = "acc") -> str:
     """Markdown table: per model/metric/setting/criterion, accuracies (mean±std %, seeds),
     compression rate, and Δ (p, d) of the criterion vs global, category-wise, global@sizes and
     random. ``field_="acc_plain"`` tabulates plain masking (training BN statistics)."""
-    label = (
-        "accuracy, BN re-estimated under each mask"
-        if field_ == "acc"
-        else "accuracy, plain masking (training BN statistics)"
-    )
+    if field_ != "acc":
+        label = "accuracy, plain masking (training BN statistics)"
+    elif any(r.reestimated for r in rows):
+        label = "accuracy, BN re-estimated under each mask"
+    else:
+        label = "accuracy, plain masking (no BatchNorm)"
     lines = [
         f"({label}; mean±std over seeds, %; Δ = criterion − other, paired t-test p, "
         f"Cohen's d; * = criterion's rate misses the target by > 2 points)",
@@ -535,7 +533,7 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
         len(models),
         len(metrics),
         squeeze=False,
-        figsize=(4.4 * len(metrics), 3.1 * len(models) + 0.9),
+        figsize=(max(4.4 * len(metrics), 7.5), 3.1 * len(models) + 0.9),
     )
     for i, model in enumerate(models):
         for j, metric in enumerate(metrics):
@@ -585,12 +583,13 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(3, len(labels)), fontsize=7)
     seeds = sorted({r.seed for r in rows})
+    has_bn = any(r.reestimated for r in rows)
     note = (
-        "BN statistics re-estimated under each mask"
+        ("BN statistics re-estimated under each mask" if has_bn else "plain masking (no BN)")
         if field_ == "acc"
         else "plain masking (training BN statistics)"
     )
     fig.suptitle(f"Matched compression, {note}; mean ± std over seeds {seeds}", fontsize=10)
     fig.tight_layout(rect=(0, 0.9 / (3.1 * len(models) + 0.9) + 0.02, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # nothing clipped, whatever the panel count
     plt.close(fig)

@@ -42,8 +42,10 @@ def score(get: Callable[[str], torch.Tensor], metric: str, category: int | None)
         try:
             s = get(metric)
         except KeyError:
-            raise ValueError(f"this profile holds no {metric!r} scores; insert them with "
-                             f"neuslice.add_mutation_scores(profile, scores).") from None
+            raise ValueError(
+                f"this profile holds no {metric!r} scores; insert them with "
+                f"neuslice.add_mutation_scores(profile, scores)."
+            ) from None
         return s.sum(0) if category is None else s[category]
     count, mean, m2 = get("count"), get("mean"), get("m2")
     if category is None:
@@ -72,5 +74,13 @@ def score(get: Callable[[str], torch.Tensor], metric: str, category: int | None)
 
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:
-    """Neurons by decreasing score (ties: lower index first) -- the order slices use."""
-    return torch.argsort(scores, descending=True, stable=True)
+    """Neurons by decreasing |score| (ties: lower index first; NaN last) -- the order slices use.
+
+    Magnitude, not the signed value: a silent neuron (score exactly 0) must rank after every
+    live one, and DeepLIFT's signed mean put dead neurons ahead of live neurons with negative
+    scores. For the non-negative metrics (var, taylor, taylor_act, ens; avg after a ReLU) the
+    order is unchanged.
+    """
+    mag = scores.abs()
+    mag = torch.where(torch.isnan(mag), torch.full_like(mag, -1.0), mag)
+    return torch.argsort(mag, descending=True, stable=True)
