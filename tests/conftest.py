@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 
 # The test models are tiny: intra-op threads only add OpenMP start/spin-wait cost, which on a
 # loaded 2-core machine turns each small op into tens of milliseconds (the suite ran ~5x slower).
-torch.set_num_threads(1)
+# NEUSLICE_TEST_THREADS=2 runs the suite with two threads (results must not depend on it).
+torch.set_num_threads(int(os.environ.get("NEUSLICE_TEST_THREADS", "1")))
 
 NUM_CLASSES = 3
 IN_FEATURES = 12

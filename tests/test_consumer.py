@@ -20,7 +20,6 @@ try:
 except ImportError:  # older layout
     from neuslice._scores import ranking
 
-torch.set_num_threads(1)
 C = 3
 
 

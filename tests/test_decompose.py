@@ -14,8 +14,6 @@ import neuslice
 from conftest import fit_briefly
 from neuslice.decomposition.modules import head_name
 
-torch.set_num_threads(1)
-
 
 def _classifier(seed=0, n=240):
     torch.manual_seed(seed)

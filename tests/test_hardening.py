@@ -20,7 +20,6 @@ from neuslice._utils.io import atomic_write
 from neuslice._utils.wrappers import unwrap_model
 from neuslice.runtime import checkpoint as ckpt
 
-torch.set_num_threads(1)
 DATA = os.path.join(os.path.dirname(__file__), "data", "v0_1")
 tp = pytest.importorskip("torch_pruning")
 

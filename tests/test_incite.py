@@ -16,7 +16,6 @@ from conftest import fit_briefly
 from neuslice.decomposition.clustering import cluster_layer, cluster_units, unit_features
 from neuslice.decomposition.incite import reference_mutation_scores
 
-torch.set_num_threads(1)
 K = 3
 
 
