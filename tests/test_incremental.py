@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import neuslice
@@ -339,3 +340,27 @@ def test_task_batchnorm_keeps_each_task_exact_and_counts_its_bytes(digits):
     fixed.load_state_dict({**fixed.state_dict(), **stats})
     assert task_accuracy(fixed, te[0], ABC[0], sl) == with_bn[0]["task_aware_at_learning"]
     assert plain[0]["task_aware_at_learning"] == task_accuracy(model, te[0], ABC[0], sl)
+
+
+def test_learn_task_takes_the_users_optimizer_and_training_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = TensorDataset(torch.randn(32, 6), torch.arange(32) % 2)
+    calls = []
+
+    def fit(m, loader, opt, epochs):
+        calls.append((type(opt).__name__, epochs))
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        return [0.0]
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = learn_task(
+        model, data, [0, 1], epochs=2, fit=fit, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)
+    )
+    assert out == [0.0] and calls == [("SGD", 2)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="fit must be a callable"):
+        learn_task(model, data, [0, 1], fit=3)

@@ -196,6 +196,22 @@ def test_full_training_tpr_one_and_seeded(trained, digits, adv_sets):
     assert res.tpr == 1.0 and res.method == "full"
 
 
+def test_readapt_takes_the_users_optimizer(trained, digits, adv_sets):
+    train_set, _ = digits
+    adv_train, _ = adv_sets
+    made = []
+
+    def sgd(params):
+        made.append(torch.optim.SGD(params, lr=0.05))
+        return made[-1]
+
+    a = readapt(trained, half_slice(trained), train_set, adv_train, epochs=1, optimizer=sgd)
+    assert len(made) == 1 and made[0].state_dict()["param_groups"][0]["lr"] == 0.05
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(TypeError, match="optimizer must be a callable"):
+        readapt(trained, None, train_set, adv_train, epochs=1, optimizer="sgd")
+
+
 # ------------------------------------------------------------------------------ bad inputs
 def test_bad_attack_arguments(trained):
     with pytest.raises(ValueError, match="unknown attack kind"):

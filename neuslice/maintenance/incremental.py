@@ -298,9 +298,16 @@ def learn_task(
     batch_size: int = 64,
     seed: int = 0,
     weight_decay: float = 0.0,
+    optimizer: Callable[[Iterable[nn.Parameter]], Any] | None = None,
+    fit: Callable[..., Any] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with Adam and cross-entropy over the full head on
     ``train_set``, whose labels must all be in ``classes``.
+
+    Your own training fits in: ``optimizer(parameters)`` builds the optimizer (default Adam
+    with ``lr`` and ``weight_decay``), and ``fit(model, loader, optimizer, epochs)`` runs the
+    epochs (default: cross-entropy epochs; returns what ``fit`` returns). The optimizer is
+    wrapped in the :class:`MaskedOptimizer` either way.
 
     With ``frozen_slice`` only its non-critical neurons (and parameters outside its layers)
     learn, and the head rows of ``protect_classes`` stay fixed (:class:`MaskedOptimizer`,
@@ -331,13 +338,19 @@ def learn_task(
     protect = list(protect_classes)
     if protect and frozen_slice is None:
         raise ValueError("protect_classes needs a frozen_slice (the MaskedOptimizer applies it)")
+    for name, f in (("optimizer", optimizer), ("fit", fit)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be a callable or None, got {type(f).__name__}")
     dev = model_device(model)
-    opt: Any = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    make = optimizer or (lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay))
+    opt: Any = make(model.parameters())
     if frozen_slice is not None:
         opt = MaskedOptimizer(
             opt, model, frozen_slice, train="noncritical", protect_classes=protect
         )
     loader = make_loader(train_set, batch_size=batch_size, shuffle=True, seed=seed)
+    if fit is not None:
+        return fit(model, loader, opt, epochs)
     return fit_epochs(model, loader, opt, epochs, dev)
 
 

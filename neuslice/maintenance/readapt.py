@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterable, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -375,8 +375,11 @@ def readapt(
     seed: int = 0,
     progress: bool = False,
     device: str | torch.device | None = None,
+    optimizer: Callable[[Iterable[nn.Parameter]], Any] | None = None,
 ) -> nn.Module:
-    """Fine-tune a deep copy of ``model`` on ``CE(f(x), y) + CE(f(x_adv), y)`` with Adam.
+    """Fine-tune a deep copy of ``model`` on ``CE(f(x), y) + CE(f(x_adv), y)`` with Adam
+    (``lr``), or with ``optimizer(parameters)`` when given (any ``torch.optim`` factory, e.g.
+    ``lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)``).
 
     Sample i of ``adv_train`` must be the adversarial version of sample i of ``clean_train``;
     each batch pairs them (one seeded shuffle). ``slice=None`` trains every parameter (full
@@ -405,7 +408,13 @@ def readapt(
     adapted = copy.deepcopy(model)
     dev = model_device(model) if device is None else torch.device(device)
     adapted.to(dev)
-    optimizer: Any = torch.optim.Adam(adapted.parameters(), lr=lr)
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError(
+            "optimizer must be a callable parameters -> torch.optim.Optimizer, e.g. "
+            "lambda ps: torch.optim.SGD(ps, lr=0.01)"
+        )
+    make = optimizer or (lambda ps: torch.optim.Adam(ps, lr=lr))
+    optimizer = make(adapted.parameters())
     if slice is not None:
         optimizer = MaskedOptimizer(optimizer, adapted, slice, train=train)
     adapted.train()
