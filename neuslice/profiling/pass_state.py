@@ -43,7 +43,7 @@ class PassState:
             raise ValueError(
                 f"category_order='grouped' needs the data sorted by category, but the labels "
                 f"decrease in batch {index} (previous label {prev}, batch labels start "
-                f"{y[:8].tolist()}). Sort the data with neuslice.experiments.data.CategoryGroupedSampler or "
+                f"{y[:8].tolist()}). Sort the data with neuslice.runtime.CategoryGroupedSampler or "
                 f"use category_order='any'."
             )
         if y.numel():

@@ -35,7 +35,7 @@ def budget_error(est, budget_gb: float, cfg: PassConfig, why: str = "") -> Memor
     if cfg.category_order == "any" and cfg.hsic and cfg.num_classes > 2:
         hints.append(
             "category_order='grouped' with the data sorted by category "
-            "(neuslice.experiments.data.CategoryGroupedSampler) keeps HSIC accumulators only for the "
+            "(neuslice.runtime.CategoryGroupedSampler) keeps HSIC accumulators only for the "
             "categories in progress"
         )
     if cfg.keep_hsic and cfg.hsic:
