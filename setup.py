@@ -112,9 +112,10 @@ def _extensions():
         cxx.append("-fopenmp")  # at::parallel_for is serial without it
         link.append("-fopenmp")
     nvcc = _cuda_toolkit() if all(os.path.exists(s) for s in CUDA_SOURCES) else None
-    if nvcc is None:
-        ext = CppExtension("neuslice._C", CPU_SOURCES, extra_compile_args=cxx,
+    cpu_ext = CppExtension("neuslice._C", CPU_SOURCES, extra_compile_args=cxx,
                            extra_link_args=link)
+    if nvcc is None:
+        ext = cpu_ext
     else:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             supported = _nvcc_archs(nvcc)
@@ -135,11 +136,28 @@ def _extensions():
     class Build(BuildExtension):
         def run(self):
             # Failing here (not around setup()) keeps PEP 517 editable/wheel builds intact.
+            inplace = self.inplace  # setuptools' run() clears it until it has succeeded
             try:
                 super().run()
             except Exception as exc:
                 if FORCE:
                     raise
+                self.inplace = inplace
+                if self.extensions and self.extensions[0] is not cpu_ext:
+                    # e.g. nvcc found but the CUDA headers are not: the C++ CPU code still helps
+                    _log(f"CUDA build failed ({type(exc).__name__}: {exc}); building the CPU "
+                         "extension only")
+                    failed = self.extensions[0]
+                    for key, value in vars(failed).items():  # what finalize_options() set
+                        if key.startswith("_") and not hasattr(cpu_ext, key):
+                            setattr(cpu_ext, key, value)
+                    self.extensions = [cpu_ext]
+                    self.compiler = None  # run() makes a fresh one from the name (None)
+                    try:
+                        super().run()
+                        return
+                    except Exception as exc2:
+                        exc = exc2
                 _log(f"native build failed ({type(exc).__name__}: {exc}); installing the pure "
                      "PyTorch package (NEUSLICE_FORCE_EXT=1 makes this fatal)")
                 self._drop_stale(self.extensions)
