@@ -33,7 +33,8 @@ __all__ = ["SlicedLayer", "find_layers", "model_fingerprint", "SLICEABLE_TYPES"]
 SLICEABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-_ACT_TYPES = (
+# element-wise activation modules (their rescale rule is DeepLIFT's; see profiling.deeplift)
+ACT_TYPES = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -88,7 +89,7 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 # Ops a neuron's value passes through unchanged per channel on the way to its consumers.
 _PASS_MODULES = (
     _NORM_TYPES
-    + _ACT_TYPES
+    + ACT_TYPES
     + _IDENTITY_TYPES
     + (
         nn.MaxPool2d,
@@ -291,7 +292,7 @@ def _chain(layer: SlicedLayer, node: fx.Node, gm: fx.GraphModule, calls) -> fx.N
         u = users[0]
         if u.op == "call_module":
             m = mods[u.target]
-            if not isinstance(m, _NORM_TYPES + _ACT_TYPES + _IDENTITY_TYPES):
+            if not isinstance(m, _NORM_TYPES + ACT_TYPES + _IDENTITY_TYPES):
                 break
             if isinstance(m, _NORM_TYPES) and m.num_features != layer.num_neurons:
                 break

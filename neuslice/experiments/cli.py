@@ -302,6 +302,32 @@ def _write_csv(records: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+def _write_results(
+    out: str,
+    name: str,
+    text: str,
+    records: list[dict[str, Any]],
+    plot: Callable[[str], Any],
+    command: str,
+) -> None:
+    """``<out>/<name>.txt`` (the table), ``.csv`` (the records) and ``.png`` (``plot(path)``;
+    skipped with a warning without matplotlib); prints what was written."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, name)
+    with open(stem + ".txt", "w") as f:
+        f.write(text + "\n")
+    written = [stem + ".txt"]
+    if _write_csv(records, stem + ".csv"):
+        written.append(stem + ".csv")
+    try:
+        plot(stem + ".png")
+    except ImportError as exc:
+        logger.warning("neuslice %s: no plot written (%s)", command, exc)
+    else:
+        written.append(stem + ".png")
+    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     rq = args.rq
     if args.threads is not None:
@@ -348,20 +374,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     text = fmt(rows, args.setting)
     print(text)
     logger.info("(%.0fs)", time.perf_counter() - t0)
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"{rq}_{args.setting}")
-    written = [stem + ".txt"]
-    with open(stem + ".txt", "w") as f:
-        f.write(text + "\n")
-    if _write_csv(_csv_records(rows, list(args.seeds)), stem + ".csv"):
-        written.append(stem + ".csv")
-    try:
-        plot(rows, args.setting, stem + ".png")
-    except ImportError as exc:
-        logger.warning("neuslice reproduce %s: no plot written (%s)", rq, exc)
-    else:
-        written.append(stem + ".png")
-    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+    _write_results(
+        out,
+        f"{rq}_{args.setting}",
+        text,
+        _csv_records(rows, list(args.seeds)),
+        lambda path: plot(rows, args.setting, path),
+        f"reproduce {rq}",
+    )
     return 0
 
 
@@ -505,20 +525,7 @@ def _reproduce_incite(args: argparse.Namespace) -> int:
     text = ri.format_table(rows)
     print(text)
     logger.info("(%.0fs)", time.perf_counter() - t0)
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, "incite")
-    with open(stem + ".txt", "w") as f:
-        f.write(text + "\n")
-    written = [stem + ".txt"]
-    if _write_csv(rows, stem + ".csv"):
-        written.append(stem + ".csv")
-    try:
-        ri.plot(rows, stem + ".png")
-    except ImportError as exc:
-        logger.warning("neuslice reproduce incite: no plot written (%s)", exc)
-    else:
-        written.append(stem + ".png")
-    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+    _write_results(out, "incite", text, rows, lambda path: ri.plot(rows, path), "reproduce incite")
     return 0
 
 
@@ -651,20 +658,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     text = matched.format_table(rows)
     print(text)
     logger.info("(%.0fs)", time.perf_counter() - t0)
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, "matched")
-    with open(stem + ".txt", "w") as f:
-        f.write(text + "\n")
-    written = [stem + ".txt"]
-    if _write_csv([dataclasses.asdict(r) for r in rows], stem + ".csv"):
-        written.append(stem + ".csv")
-    try:
-        matched.plot(rows, stem + ".png")
-    except ImportError as exc:
-        logger.warning("neuslice evaluate: no plot written (%s)", exc)
-    else:
-        written.append(stem + ".png")
-    print(f"written to {out}{os.sep}: " + ", ".join(os.path.basename(p) for p in written))
+    _write_results(
+        out,
+        "matched",
+        text,
+        [dataclasses.asdict(r) for r in rows],
+        lambda path: matched.plot(rows, path),
+        "evaluate",
+    )
     return 0
 
 

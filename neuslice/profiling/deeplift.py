@@ -23,30 +23,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..layers import ACT_FUNCTIONS, ACT_METHODS
+from ..layers import ACT_FUNCTIONS, ACT_METHODS, ACT_TYPES
 
 __all__ = ["rescale_rule", "RESCALE_TYPES", "EPS"]
 
 EPS = 1e-10
 
-RESCALE_TYPES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.PReLU,
-)
+RESCALE_TYPES = ACT_TYPES  # element-wise activations: the rescale rule applies
 
 
 class _Rule:
