@@ -21,6 +21,7 @@ from .maintenance.batchnorm import recalibrate_batchnorm
 from .maintenance.masked_optimizer import MaskedOptimizer, trainable_fraction
 from .maintenance.restructure import restructure
 from .masking import masked
+from .profiling.config import ProfileConfig
 from .profiling.profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
 from .decomposition.incite import add_mutation_scores, mutation_scores
@@ -33,6 +34,7 @@ __all__ = [
     "profile",
     "Profile",
     "estimate_profile_memory",
+    "ProfileConfig",
     "METRICS",
     "ALL_METRICS",
     "Slice",

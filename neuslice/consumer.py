@@ -185,7 +185,11 @@ def _contributions(
     else:
         b = idx.numel()
         wi = w[:, idx].transpose(0, 1).reshape(b * w.shape[0], 1, *w.shape[2:])
-        out = F.conv2d(xs[:, idx], wi, None, m.stride, m.padding, m.dilation, groups=b)
+        x, padding = xs[:, idx], m.padding
+        if m.padding_mode != "zeros":  # reflect / replicate / circular: pad as the layer does
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            padding = 0
+        out = F.conv2d(x, wi, None, m.stride, padding, m.dilation, groups=b)
         out = out.reshape(out.shape[0], b, w.shape[0], -1).transpose(0, 1)  # (b, n, out, s)
     if scale is not None:
         out = out * scale.view(1, 1, -1, *([1] * (out.dim() - 3)))

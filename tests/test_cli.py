@@ -413,3 +413,13 @@ def test_evaluate_refuses_targets_outside_the_unit_interval(capsys):
 
     assert main(["evaluate", "--targets", "1.5"]) == 2
     assert "--targets must lie in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["2", "0", "nan", "x"])
+def test_reproduce_incite_refuses_a_bad_fraction_before_any_work(value, capsys):
+    from neuslice.experiments.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "incite", "--fraction", value])
+    assert exc.value.code == 2
+    assert "--fraction" in capsys.readouterr().err

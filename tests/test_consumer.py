@@ -68,10 +68,26 @@ def test_curve_matches_explicit_masking(setup):
     """R²(k) equals the centred R² of the consumer output with the layer's other neurons
     zeroed (brute force with neuslice.masked), for every k."""
     model, x, y, prof = setup
+    _check_against_masking(
+        model, x, y, prof, (("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "head"))
+    )
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_curve_follows_the_consumers_padding_mode(mode):
+    """A conv consumer that pads by reflection / wrapping / replication, not zeros."""
+    model = _cnn()
+    model.conv2.padding_mode = mode
+    x, y = _data()
+    prof = neuslice.profile(model, _loader(x, y), C, metrics=("taylor",), progress=False)
+    _check_against_masking(model, x, y, prof, (("conv1", "conv2"),))
+
+
+def _check_against_masking(model, x, y, prof, pairs):
     cv = consumer_r2_curves(model, prof, _loader(x, y), "taylor", samples=20, progress=False)
     cat = 1
     xc = x[y == cat][:20]
-    for layer, consumer in (("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "head")):
+    for layer, consumer in pairs:
         order = cv.order[layer][cat]
         d = order.numel()
         outs = {}

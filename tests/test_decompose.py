@@ -244,3 +244,30 @@ def test_bad_inputs():
     )
     with pytest.raises(ValueError, match="another model"):
         mods.evaluate(loader, original=other)
+
+
+def test_float64_modules_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(90, 6, dtype=torch.float64)
+    y = torch.arange(90) % 3
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=30)
+    mods = neuslice.decompose(model, loader, cluster_size=2, head_epochs=1, progress=False)
+    mods.save(tmp_path / "m64")
+    back = neuslice.Modules.load(tmp_path / "m64", copy.deepcopy(model))
+    assert torch.equal(back.predict(x), mods.predict(x))
+
+
+def test_a_class_without_samples_is_named():
+    model, _, x, y = _classifier()
+    y = torch.where(y == 2, torch.zeros_like(y), y)  # class 2 never occurs
+    for method in ("incite", "semantic"):
+        with pytest.raises(ValueError, match=r"class\(es\) \[2\] have no samples"):
+            neuslice.decompose(
+                model,
+                DataLoader(TensorDataset(x, y), batch_size=60),
+                method,
+                cluster_size=2,
+                head_epochs=1,
+                progress=False,
+            )

@@ -266,3 +266,17 @@ def test_mutation_as_a_slicing_metric():
     assert c.category_masks["1"].shape == (K, 20)
     sem = neuslice.semantic_slice(prof, "mutation", 0.9)
     assert all(int(m.sum()) >= 1 for m in sem.masks.values())
+
+
+def test_nan_outputs_give_the_same_scores_on_both_paths():
+    """A NaN input (hence NaN outputs for that sample) must not break the fast path's check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    x = torch.randn(8, 4)
+    x[3, 0] = float("nan")
+    y = torch.randint(0, 3, (8,))
+    fast = neuslice.mutation_scores(model, [(x, y)], cluster_size=1, progress=False)
+    slow = neuslice.mutation_scores(model, [(x, y)], cluster_size=1, delta=False, progress=False)
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], equal_nan=True)

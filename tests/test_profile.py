@@ -625,3 +625,18 @@ def test_profile_tensors_are_plain_data():
     loader = [(torch.randn(16, 4), torch.arange(16) % 2)]
     prof = neuslice.profile(model, loader, 2, metrics=neuslice.ALL_METRICS, progress=False)
     assert [k for k, t in prof.tensors.items() if t.requires_grad] == []
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(metrics=None), dict(metrics=()), dict(backend="bogus"), dict(cka_batch=2)]
+)
+def test_profile_config_refuses_bad_fields(bad):
+    with pytest.raises((ValueError, TypeError)):
+        neuslice.ProfileConfig(**bad)
+
+
+@pytest.mark.parametrize("batch_size", [0, -5, 2.5, True])
+def test_memory_estimate_refuses_a_bad_batch_size(batch_size):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        neuslice.estimate_profile_memory(model, torch.randn(2, 4), 2, batch_size=batch_size)

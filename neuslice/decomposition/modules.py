@@ -463,7 +463,8 @@ class Modules:
             info=man.get("info"),
         )
         shell.check_model(model)
-        example = torch.zeros([1, *shell.input_shape], device=model_device(model))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        example = torch.zeros([1, *shell.input_shape], device=model_device(model), dtype=dtype)
         for entry in man["modules"]:
             masks = {l: _decode(v, entry["sizes"][l]) for l, v in entry["masks"].items()}
             state = torch.load(
@@ -694,6 +695,13 @@ def decompose(
             f"class labels must lie in [0, {k}) for a model with {k} outputs, "
             f"found [{int(y.min())}, {int(y.max())}]"
         )
+    if task == "classification":
+        empty = [c for c, n in enumerate(torch.bincount(y, minlength=k).tolist()) if n == 0]
+        if empty:
+            raise ValueError(
+                f"class(es) {empty} have no samples in the loader; each output's module is "
+                f"trained on its class's samples: give decompose data of every class"
+            )
     if task == "regression":
         y = y.reshape(len(y), -1).to(torch.float32)
         if y.shape[1] != k:

@@ -71,6 +71,17 @@ def _command(sub, name: str, help: str, description: str | None = None) -> argpa
     return p
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 def _positive(kind: type) -> Callable[[str], Any]:
     def parse(text: str):
         try:
@@ -580,7 +591,7 @@ def _add_reproduce_incite(rsub) -> None:
     )
     p.add_argument(
         "--fraction",
-        type=float,
+        type=_fraction,
         default=0.6,
         help="fraction of each layer's clusters a module keeps",
     )

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .scores import INSERTED_METRICS, METRICS, check_metrics
+from ..ops import BACKENDS
+from .scores import ALL_METRICS, INSERTED_METRICS, METRICS, check_metrics
 
 __all__ = ["ProfileConfig", "PassConfig"]
 
@@ -61,6 +62,8 @@ class ProfileConfig:
     output_fn: Callable[[Any], torch.Tensor] | None = None
 
     def __post_init__(self):
+        if self.metrics is None or (not isinstance(self.metrics, str) and len(self.metrics) == 0):
+            raise ValueError(f"metrics must name at least one metric, from {list(ALL_METRICS)}")
         metrics = check_metrics(self.metrics)
         inserted = [m for m in metrics if m in INSERTED_METRICS]
         if inserted:
@@ -97,6 +100,10 @@ class ProfileConfig:
                 f"category_order must be 'any' or 'grouped' (data sorted by "
                 f"category, e.g. with neuslice.runtime.CategoryGroupedSampler), got "
                 f"{self.category_order!r}"
+            )
+        if self.backend not in (None, "auto", *BACKENDS):
+            raise ValueError(
+                f"backend must be None, 'auto' or one of {list(BACKENDS)}, got {self.backend!r}"
             )
         if self.autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(

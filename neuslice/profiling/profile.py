@@ -368,6 +368,8 @@ def estimate_profile_memory(
     for ``model`` on inputs shaped like ``example_inputs`` and batches of ``batch_size``, without
     profiling; ``config`` and ``**options`` mean what they mean for ``profile``."""
     cfg = PassConfig.bind(ProfileConfig.resolve(config, **options), num_classes)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     model = unwrap_model(model)
     sliced = find_layers(model, layers)
     if (
