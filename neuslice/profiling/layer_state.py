@@ -123,9 +123,8 @@ class LayerState:
                 yield m, (n if int(acc.count[k]) >= 2 else torch.zeros_like(n))
         else:
             acc.finalize()
-            total, weight = acc.result()
-            for k in range(weight.shape[0]):
-                yield total[k], weight[k]
+            for k in range(acc.weight.shape[0]):  # one category at a time: no (C, d, d) temporary
+                yield acc.result_of(k)
 
     def store(self, acc, categories: list[int]) -> None:
         """Turn ``acc`` (one slot per entry of ``categories``) into results."""

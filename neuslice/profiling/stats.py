@@ -282,3 +282,7 @@ class MinibatchHSICAccumulator(_Stateful):
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight.clamp(min=1).view(-1, 1, 1)
         return self.total / w, self.weight
+
+    def result_of(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``result()`` of category ``k`` alone."""
+        return self.total[k] / self.weight[k].clamp(min=1), self.weight[k]
