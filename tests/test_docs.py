@@ -39,7 +39,7 @@ def test_block_runs(code, tmp_path):
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         NEUSLICE_CACHE=str(tmp_path / "cache"),
-        PYTHONWARNINGS="error::DeprecationWarning",
+        PYTHONWARNINGS="error:neuslice:DeprecationWarning",
     )
     prelude = "import torch\ntorch.set_num_threads(1)\ntorch.manual_seed(0)\n"
     out = subprocess.run(
