@@ -154,7 +154,13 @@ def _plan(
     est = plan()
     if est.total > cfg.max_memory_gb * GiB:
         raise budget_error(est, cfg.max_memory_gb, cfg)
-    logger.info("%s", est.table())
+    logger.info(
+        "estimated memory %.2f GiB of max_memory_gb=%s (the table: DEBUG level, or "
+        "neuslice.estimate_profile_memory)",
+        est.total / GiB,
+        cfg.max_memory_gb,
+    )
+    logger.debug("%s", est.table())
     states = {
         l.name: LayerState(l, positions[l.name], cfg, device, accumulation_dtype(feat_dtype))
         for l in sliced
