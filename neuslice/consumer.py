@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._utils.checks import model_device
 from .layers import find_layers, model_fingerprint
 from .slicing import Slice, _make
 
@@ -307,7 +308,7 @@ def consumer_r2_curves(
         )
     if missing:
         notes.append(f"categories {missing} skipped (fewer than 2 samples in the loader)")
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = model_device(model)
     scales = {c: _norm_scale(model, c) if after_norm else None for c in needed}
     r2 = {
         l: torch.full(

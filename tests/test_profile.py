@@ -21,6 +21,7 @@ from conftest import (
     NUM_CLASSES,
     assert_same_snapshot,
     build,
+    close,
     captum_deeplift,
     direct_taylor,
     make_data,
@@ -211,7 +212,7 @@ def test_streaming_equals_single_full_batch(route):
             for m in metrics:
                 for c in [None] + list(range(C)):
                     sa, sb = a.scores(layer, m, c), b.scores(layer, m, c)
-                    assert (sa - sb).abs().max() <= 1e-10 * max(1.0, float(sb.abs().max())), (
+                    assert close(sa, sb, 1e-10), (
                         kind,
                         layer,
                         m,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuslice._utils.checks import model_device
 import neuslice
 from neuslice import Slice
 
@@ -233,7 +234,7 @@ def bisect_rate(
 
 def _accuracy(model: nn.Module, sl: Slice, x: torch.Tensor, y: torch.Tensor, bs: int) -> float:
     correct = 0
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = model_device(model)
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()

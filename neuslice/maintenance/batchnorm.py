@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .._utils.checks import model_device
 from .._utils.hooks import module_modes
 from .._utils.in_use import exclusive
 from .._utils.wrappers import unwrap_model
@@ -72,7 +73,7 @@ def recalibrate_batchnorm(
     ]
     if not norms:
         return out
-    dev = next((p.device for p in out.parameters()), torch.device("cpu"))
+    dev = model_device(out)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
