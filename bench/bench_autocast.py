@@ -68,8 +68,8 @@ def main() -> None:
         diff = 0
         for metric in ("taylor", "deeplift"):
             a, b = (
-                neuslice.semantic_slice(prof, metric, 0.95),
-                neuslice.semantic_slice(ref, metric, 0.95),
+                neuslice.semantic_slice(prof, metric, 0.95, criterion="layer_cka"),
+                neuslice.semantic_slice(ref, metric, 0.95, criterion="layer_cka"),
             )
             diff += sum(int((a.masks[k] ^ b.masks[k]).sum()) for k in a.masks)
         rows.append(

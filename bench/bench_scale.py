@@ -78,7 +78,7 @@ def run_one(cfg: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    sl = neuslice.semantic_slice(prof, "taylor", 0.95)
+    sl = neuslice.semantic_slice(prof, "taylor", 0.95, criterion="layer_cka")
     t2 = time.perf_counter()
     est = neuslice.estimate_profile_memory(
         model,

@@ -55,7 +55,7 @@ def main() -> None:
     t0 = time.perf_counter()
     kept = {}
     for metric in neuslice.METRICS:
-        sl = neuslice.semantic_slice(prof, metric, 0.95)
+        sl = neuslice.semantic_slice(prof, metric, 0.95, criterion="layer_cka")
         kept[metric] = sum(sl.kept().values())
     t_slice = time.perf_counter() - t0
     scale = 1000 / per_class

@@ -65,7 +65,7 @@ def main() -> None:
         resume=args.checkpoint if args.resume else None,
         progress=rank == 0,
     )
-    sl = neuslice.semantic_slice(prof, args.metric, args.threshold)
+    sl = neuslice.semantic_slice(prof, args.metric, args.threshold, criterion="layer_cka")
     if rank == 0:
         n = int(prof.counts().sum())
         print(

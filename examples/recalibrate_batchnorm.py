@@ -24,8 +24,9 @@ def main() -> None:
     prof = neuslice.profile(model, train_loader, 10, progress=False)
     print(f"unmasked test accuracy {evaluate(model, test_loader):.3f}")
     print(f"{'theta':>5} {'compression':>11} {'masked':>7} {'recalibrated':>12}")
-    for theta in (0.90, 0.95, 0.99):
-        sl = neuslice.semantic_slice(prof, "taylor", theta)
+    curves = neuslice.consumer_r2_curves(model, prof, train_loader, "taylor", progress=False)
+    for theta in (0.2, 0.4, 0.6):  # consumer-R² thresholds (semantic_slice's default criterion)
+        sl = curves.slice(theta)
         with neuslice.masked(model, sl):
             plain = evaluate(model, test_loader)
         recal = neuslice.recalibrate_batchnorm(model, sl, train_loader, progress=False)

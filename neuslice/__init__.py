@@ -3,7 +3,7 @@
 Profile a model once, slice it with any strategy and metric, and evaluate or maintain it::
 
     prof = neuslice.profile(model, loader, num_classes=10)
-    sl = neuslice.semantic_slice(prof, "taylor", threshold=0.95)
+    sl = neuslice.semantic_slice(prof, "taylor", threshold=0.3, model=model, loader=loader)
     with neuslice.masked(model, sl):
         ...
 
@@ -24,10 +24,11 @@ from .masking import masked
 from .profiling.config import ProfileConfig
 from .profiling.profile import ALL_METRICS, METRICS, Profile, estimate_profile_memory, profile
 from .slicing import Slice, categorywise_slice, global_slice, random_slice, semantic_slice
+from .consumer import ConsumerCurves, consumer_r2_curves, consumer_r2_slice
 from .decomposition.incite import add_mutation_scores, mutation_scores
 from .decomposition.modules import Modules, decompose
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "cka",
@@ -42,6 +43,9 @@ __all__ = [
     "categorywise_slice",
     "semantic_slice",
     "random_slice",
+    "consumer_r2_curves",
+    "consumer_r2_slice",
+    "ConsumerCurves",
     "masked",
     "restructure",
     "MaskedOptimizer",

@@ -114,7 +114,7 @@ def test_masking_sweep_can_recalibrate():
             else (
                 neuslice.categorywise_slice(prof, "avg", 0.5)
                 if a.strategy == "categorywise"
-                else neuslice.semantic_slice(prof, "avg", 0.95)
+                else neuslice.semantic_slice(prof, "avg", 0.95, criterion="layer_cka")
             )
         )
         fixed = recalibrate_batchnorm(model, sl, loader, num_batches=2, progress=False)

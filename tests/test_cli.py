@@ -53,8 +53,10 @@ def test_demo_on_digits_writes_table_plot_and_slices(tmp_path, capsys):
     assert set(auc) == {"avg", "var", "ens", "taylor", "deeplift"}
     for res in auc.values():
         assert 0.0 <= res["semantic"] <= 1.0
-    sl = Slice.load(out / "slice_semantic.json")
-    assert sl.strategy == "semantic" and sl.threshold == 0.95
+    sl = Slice.load(out / "slice_semantic.json")  # semantic_slice's default criterion
+    assert sl.strategy == "consumer_r2" and sl.threshold == 0.3
+    paper = Slice.load(out / "slice_semantic_layer_cka.json")
+    assert paper.strategy == "semantic" and paper.threshold == 0.95
     assert os.path.getsize(out / "slice_semantic.json") < 8192
 
 

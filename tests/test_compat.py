@@ -45,7 +45,7 @@ def test_old_profile_and_slice_load_and_agree_with_a_new_run():
         # float32 products accumulated in float64: agree to float32 precision, on any BLAS
         torch.testing.assert_close(old.tensors[key], t, rtol=1e-4, atol=1e-6, equal_nan=True)
     sl = neuslice.Slice.load(DATA / "slice.json")
-    again = neuslice.semantic_slice(new, "taylor", 0.9)
+    again = neuslice.semantic_slice(new, "taylor", 0.9, criterion="layer_cka")
     assert {k: v.tolist() for k, v in sl.masks.items()} == {
         k: v.tolist() for k, v in again.masks.items()
     }

@@ -273,16 +273,28 @@ def test_magnitude_ranking_nan_last_and_stable():
     assert magnitude_ranking(s).tolist() == [1, 3, 4, 0, 5, 2]
 
 
-def test_semantic_slice_criterion_keyword(setup):
+def test_semantic_slice_default_criterion_is_consumer_r2(setup):
     model, x, y, prof = setup
     a = neuslice.semantic_slice(
         prof, "taylor", 0.5, criterion="consumer_r2", model=model, loader=_loader(x, y)
     )
     b = consumer_r2_slice(model, prof, _loader(x, y), "taylor", 0.5, progress=False)
     assert all(torch.equal(a.masks[l], b.masks[l]) for l in prof.layers)
-    default = neuslice.semantic_slice(prof, "taylor", 0.5)
-    assert default.strategy == "semantic"  # the paper's criterion stays the default
-    with pytest.raises(ValueError):
+    default = neuslice.semantic_slice(prof, "taylor", 0.5, model=model, loader=_loader(x, y))
+    assert default.strategy == "consumer_r2"
+    assert all(torch.equal(default.masks[l], b.masks[l]) for l in prof.layers)
+    # profile only: the paper's criterion, with a FutureWarning naming both ways out
+    paper = neuslice.semantic_slice(prof, "taylor", 0.5, criterion="layer_cka")
+    assert paper.strategy == "semantic"
+    with pytest.warns(FutureWarning, match="criterion='layer_cka'") as rec:
+        fallback = neuslice.semantic_slice(prof, "taylor", 0.5)
+    assert "model=" in str(rec[0].message)
+    assert all(torch.equal(fallback.masks[l], paper.masks[l]) for l in prof.layers)
+    with pytest.raises(ValueError, match="loader="):  # model without loader: no silent fallback
+        neuslice.semantic_slice(prof, "taylor", 0.5, model=model)
+    with pytest.raises(ValueError, match="loader="):
         neuslice.semantic_slice(prof, "taylor", 0.5, criterion="consumer_r2")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="step"):
+        neuslice.semantic_slice(prof, "taylor", 0.5, 2, model=model, loader=_loader(x, y))
+    with pytest.raises(ValueError, match="consumer_r2"):
         neuslice.semantic_slice(prof, "taylor", 0.5, criterion="nope")

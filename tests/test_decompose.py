@@ -195,7 +195,7 @@ def test_semantic_modules():
         model, loader, method="semantic", metric="avg", threshold=0.9, head_epochs=1, progress=False
     )
     prof = neuslice.profile(model, loader, 3, metrics=("avg",), progress=False)
-    sl = neuslice.semantic_slice(prof, "avg", 0.9)
+    sl = neuslice.semantic_slice(prof, "avg", 0.9, criterion="layer_cka")
     assert len(mods) == 3 and mods.method == "semantic"
     for o in range(3):
         for layer, m in mods.masks[o].items():

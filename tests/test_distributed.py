@@ -80,7 +80,10 @@ def test_two_processes_equal_one_process(dist_run):
         assert _rel(p0.tensors[key], t) <= 1e-10, (key, _rel(p0.tensors[key], t))
     for metric in ("avg", "var", "ens", "taylor", "deeplift"):
         for th in (0.9, 0.95, 0.99):
-            a, b = neuslice.semantic_slice(p0, metric, th), neuslice.semantic_slice(ref, metric, th)
+            a, b = (
+                neuslice.semantic_slice(p0, metric, th, criterion="layer_cka"),
+                neuslice.semantic_slice(ref, metric, th, criterion="layer_cka"),
+            )
             assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks), (metric, th)
         a, b = (
             neuslice.categorywise_slice(p0, metric, 0.3),
@@ -128,7 +131,10 @@ def test_grouped_distributed_equals_one_process(dist_run):
                 assert _rel(p0.curve(layer, metric, c), ref.curve(layer, metric, c)) <= 1e-9
                 assert torch.equal(p0.curve(layer, metric, c), p1.curve(layer, metric, c))
     for metric in ("avg", "deeplift"):
-        a, b = neuslice.semantic_slice(p0, metric, 0.95), neuslice.semantic_slice(ref, metric, 0.95)
+        a, b = (
+            neuslice.semantic_slice(p0, metric, 0.95, criterion="layer_cka"),
+            neuslice.semantic_slice(ref, metric, 0.95, criterion="layer_cka"),
+        )
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 

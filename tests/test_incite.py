@@ -264,7 +264,7 @@ def test_mutation_as_a_slicing_metric():
         )
     c = neuslice.categorywise_slice(prof, "mutation", 0.25)
     assert c.category_masks["1"].shape == (K, 20)
-    sem = neuslice.semantic_slice(prof, "mutation", 0.9)
+    sem = neuslice.semantic_slice(prof, "mutation", 0.9, criterion="layer_cka")
     assert all(int(m.sum()) >= 1 for m in sem.masks.values())
 
 

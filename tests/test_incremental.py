@@ -63,7 +63,7 @@ def semantic(model, dataset, classes):
         metrics=("taylor",),
         progress=False,
     )
-    return neuslice.semantic_slice(prof, "taylor", threshold=0.9)
+    return neuslice.semantic_slice(prof, "taylor", threshold=0.9, criterion="layer_cka")
 
 
 # ---- split -------------------------------------------------------------------------------
@@ -76,6 +76,23 @@ def test_split_tasks_keeps_global_labels(digits):
     for t, g in zip(tasks, ABC):
         assert set(t.tensors[1].tolist()) == set(g)
         assert t.tensors[0].shape[1:] == train.tensors[0].shape[1:]
+
+
+def test_make_slicer_semantic_criteria(digits):
+    train, _ = digits
+    a = split_tasks(train, AB)[0]
+    model = mlp()
+    learn_task(model, a, AB[0], **TRAIN)
+    paper = make_slicer("semantic", value=0.9)(model, a, AB[0])
+    assert paper.strategy == "semantic"
+    ref = semantic(model, a, AB[0])
+    assert all(torch.equal(paper.masks[n], ref.masks[n]) for n in ref.masks)
+    cons = make_slicer("semantic", value=0.3, criterion="consumer_r2")(model, a, AB[0])
+    assert cons.strategy == "consumer_r2" and cons.threshold == 0.3
+    for layer, rows in cons.category_masks.items():
+        assert not rows[5:].any(), layer  # absent classes select nothing here either
+    with pytest.raises(ValueError, match="criterion"):
+        make_slicer("semantic", criterion="cka")
 
 
 def test_semantic_slice_skips_absent_categories(digits):

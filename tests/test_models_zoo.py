@@ -86,7 +86,7 @@ def test_variant_masked_like_its_plain_twin(kind):
     ref = var(x)
     for sl in (
         neuslice.global_slice(prof, "taylor", 0.4),
-        neuslice.semantic_slice(prof, "avg", 0.8),
+        neuslice.semantic_slice(prof, "avg", 0.8, criterion="layer_cka"),
     ):
         twin_sl = Slice(
             masks=sl.masks,
@@ -160,7 +160,7 @@ def test_residual_masked_equals_zeroed_batchnorm(resnet_setup):
     ref = model(x)
     for sl in (
         neuslice.global_slice(prof, "avg", 0.5),
-        neuslice.semantic_slice(prof, "deeplift", 0.7),
+        neuslice.semantic_slice(prof, "deeplift", 0.7, criterion="layer_cka"),
     ):
         manual = copy.deepcopy(model)
         with torch.no_grad():

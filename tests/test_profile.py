@@ -434,7 +434,7 @@ def test_small_category_is_warned_not_fatal(route, small):
         for m in neuslice.METRICS:
             for c in (None, 2):
                 assert torch.isfinite(prof.scores(layer, m, c)).all(), (layer, m, c)
-    sl = neuslice.semantic_slice(prof, "avg", 0.9)
+    sl = neuslice.semantic_slice(prof, "avg", 0.9, criterion="layer_cka")
     assert any("[2]" in n and "skipped" in n for n in sl.notes), sl.notes
     assert not sl.category_masks["fc1"][2].any()
 

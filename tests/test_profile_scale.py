@@ -54,8 +54,8 @@ def test_grouped_order_equals_any_order(kind, route):
                     assert _close(a, b), (layer, metric, c)
         for metric in ("taylor", "avg"):
             for t in (0.9, 0.97):
-                sa = neuslice.semantic_slice(got, metric, t)
-                sb = neuslice.semantic_slice(ref, metric, t)
+                sa = neuslice.semantic_slice(got, metric, t, criterion="layer_cka")
+                sb = neuslice.semantic_slice(ref, metric, t, criterion="layer_cka")
                 assert all(torch.equal(sa.masks[k], sb.masks[k]) for k in sa.masks)
 
 
@@ -89,8 +89,8 @@ def test_curve_profile_round_trip_and_errors(tmp_path):
     q = neuslice.Profile.load(tmp_path / "p.pt")
     for layer in p.layers:
         assert torch.equal(q.curve(layer, "taylor", 1), p.curve(layer, "taylor", 1))
-    a = neuslice.semantic_slice(p, "deeplift", 0.95)
-    b = neuslice.semantic_slice(q, "deeplift", 0.95)
+    a = neuslice.semantic_slice(p, "deeplift", 0.95, criterion="layer_cka")
+    b = neuslice.semantic_slice(q, "deeplift", 0.95, criterion="layer_cka")
     assert a.kept() == b.kept()
 
 
@@ -130,7 +130,10 @@ def test_thousand_categories_grouped_keeps_few_accumulators(monkeypatch):
     assert 1 <= peak[0] <= 16 // per + 2
     ref = _prof(model, loader, **kw)
     for metric in ("avg", "deeplift"):
-        a, b = neuslice.semantic_slice(got, metric, 0.9), neuslice.semantic_slice(ref, metric, 0.9)
+        a, b = (
+            neuslice.semantic_slice(got, metric, 0.9, criterion="layer_cka"),
+            neuslice.semantic_slice(ref, metric, 0.9, criterion="layer_cka"),
+        )
         for k in a.masks:
             assert torch.equal(a.category_masks[k], b.category_masks[k])
 

@@ -57,7 +57,7 @@ def test_semantic_slice_is_minimal_prefix_brute_force(setup, metric):
     model, x, y, outs, prof = setup
     outputs = outputs_of(model, list(outs.values()), x)
     for threshold in (0.3, 0.7, 0.9, 0.97):
-        sl = neuslice.semantic_slice(prof, metric, threshold)
+        sl = neuslice.semantic_slice(prof, metric, threshold, criterion="layer_cka")
         assert sl.strategy == "semantic" and sl.metric == metric and sl.threshold == threshold
         for layer, mod in outs.items():
             d = prof.num_neurons[layer]
@@ -86,13 +86,13 @@ def test_semantic_slice_threshold_monotone_and_step(mlp_setup):
     *_, prof = mlp_setup
     prev = None
     for thr in (0.2, 0.5, 0.8, 0.95, 1.0):
-        sl = neuslice.semantic_slice(prof, "taylor", thr)
+        sl = neuslice.semantic_slice(prof, "taylor", thr, criterion="layer_cka")
         if prev is not None:
             for layer in prof.layers:
                 assert bool((sl.category_masks[layer] | ~prev.category_masks[layer]).all())
         prev = sl
-    base = neuslice.semantic_slice(prof, "avg", 0.8)
-    stepped = neuslice.semantic_slice(prof, "avg", 0.8, step=3)
+    base = neuslice.semantic_slice(prof, "avg", 0.8, criterion="layer_cka")
+    stepped = neuslice.semantic_slice(prof, "avg", 0.8, step=3, criterion="layer_cka")
     for layer in prof.layers:
         d = prof.num_neurons[layer]
         for c in range(C):
@@ -134,7 +134,7 @@ def test_global_and_categorywise_topk(setup, ratio, metric):
 
 def test_random_slice_matches_counts(mlp_setup):
     *_, prof = mlp_setup
-    like = neuslice.semantic_slice(prof, "avg", 0.9)
+    like = neuslice.semantic_slice(prof, "avg", 0.9, criterion="layer_cka")
     r1 = neuslice.random_slice(like, seed=1)
     r1b = neuslice.random_slice(like, seed=1)
     r2 = neuslice.random_slice(like, seed=2)
@@ -150,7 +150,7 @@ def test_random_slice_matches_counts(mlp_setup):
 def test_bad_threshold_and_ratio(mlp_setup, bad):
     *_, prof = mlp_setup
     with pytest.raises(ValueError, match="threshold must be a number in \\(0, 1\\]"):
-        neuslice.semantic_slice(prof, "avg", bad)
+        neuslice.semantic_slice(prof, "avg", bad, criterion="layer_cka")
     with pytest.raises(ValueError, match="ratio must be a number in \\(0, 1\\]"):
         neuslice.global_slice(prof, "avg", bad)
     with pytest.raises(ValueError, match="ratio must be a number in \\(0, 1\\]"):
@@ -160,14 +160,14 @@ def test_bad_threshold_and_ratio(mlp_setup, bad):
 def test_strategy_argument_errors(mlp_setup):
     model, *_, prof = mlp_setup
     with pytest.raises(ValueError, match="unknown metric"):
-        neuslice.semantic_slice(prof, "nope", 0.9)
+        neuslice.semantic_slice(prof, "nope", 0.9, criterion="layer_cka")
     with pytest.raises(ValueError, match="unknown metric"):
         neuslice.global_slice(prof, "nope", 0.5)
     with pytest.raises(TypeError, match="Profile"):
-        neuslice.semantic_slice(model, "avg", 0.9)
+        neuslice.semantic_slice(model, "avg", 0.9, criterion="layer_cka")
     for step in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="step"):
-            neuslice.semantic_slice(prof, "avg", 0.9, step=step)
+            neuslice.semantic_slice(prof, "avg", 0.9, step=step, criterion="layer_cka")
 
 
 def test_dead_layer_and_dead_neurons_give_notes_not_nan():
@@ -180,7 +180,7 @@ def test_dead_layer_and_dead_neurons_give_notes_not_nan():
     prof = neuslice.profile(model, make_loader(x, y, 7), C, progress=False)
     assert any("fc1" in w for w in prof.warnings) and any("fc2" in w for w in prof.warnings)
     for metric in neuslice.METRICS:
-        sl = neuslice.semantic_slice(prof, metric, 0.95)
+        sl = neuslice.semantic_slice(prof, metric, 0.95, criterion="layer_cka")
         assert any("fc2" in n and "constant" in n for n in sl.notes), sl.notes
         assert not sl.masks["fc2"].any()
         assert sl.masks["fc1"].any()
@@ -237,7 +237,7 @@ def test_slice_round_trip_and_size(tmp_path):
 
 def test_real_slices_round_trip(mlp_setup, tmp_path):
     model, *_, prof = mlp_setup
-    sem = neuslice.semantic_slice(prof, "taylor", 0.9)
+    sem = neuslice.semantic_slice(prof, "taylor", 0.9, criterion="layer_cka")
     for i, sl in enumerate(
         [
             sem,
@@ -439,7 +439,7 @@ def test_masked_equals_manually_zeroed_model(kind):
     ref = model(x)
     for sl in (
         neuslice.global_slice(prof, "avg", 0.5),
-        neuslice.semantic_slice(prof, "taylor", 0.8),
+        neuslice.semantic_slice(prof, "taylor", 0.8, criterion="layer_cka"),
     ):
         assert any(int(m.sum()) < m.numel() for m in sl.masks.values())
         manual = _zeroed_copy(model, sl.masks, zero_at).eval()
@@ -506,7 +506,7 @@ def test_semantic_slice_needs_hsic():
     model, (x, y), *_ = build("mlp")
     prof = neuslice.profile(model, make_loader(x, y), C, hsic=False, progress=False)
     with pytest.raises(ValueError, match="hsic=False"):
-        neuslice.semantic_slice(prof, "avg", 0.9)
+        neuslice.semantic_slice(prof, "avg", 0.9, criterion="layer_cka")
     assert neuslice.global_slice(prof, "avg", 0.5).kept() == {"fc1": 5, "fc2": 4}
 
 

@@ -224,7 +224,7 @@ def test_profile_slice_mask_restructure(name, metric):
     for layer in prof.layers:
         for m in ("avg", "taylor", "deeplift"):
             assert torch.isfinite(prof.scores(layer, m)).all(), (layer, m)
-    sl = neuslice.semantic_slice(prof, metric, 0.9)
+    sl = neuslice.semantic_slice(prof, metric, 0.9, criterion="layer_cka")
     rate = sl.compression_rate(model)
     assert 0 < rate < 1, rate
     with torch.no_grad():
@@ -249,7 +249,7 @@ def test_resnet50_profile_slice_restructure():
         progress=False,
     )
     assert len(prof.layers) == 53
-    sl = neuslice.semantic_slice(prof, "deeplift", 0.9)
+    sl = neuslice.semantic_slice(prof, "deeplift", 0.9, criterion="layer_cka")
     assert 0 < sl.compression_rate(model) < 1
     _check_restructure(model, sl, x[:4])
 
@@ -269,7 +269,7 @@ def test_full_size_vgg16_profile_slice_restructure():
         progress=False,
     )
     assert len(prof.layers) == 15  # 13 convs and two hidden Linear layers
-    sl = neuslice.semantic_slice(prof, "taylor", 0.95)
+    sl = neuslice.semantic_slice(prof, "taylor", 0.95, criterion="layer_cka")
     assert 0 < sl.compression_rate(model) < 1
     _check_restructure(model, sl, x[:4])
 

@@ -606,7 +606,7 @@ def _semantic_masks(
             ),
         )
         info["mutation_time_s"] = time.perf_counter() - t1
-    sl = semantic_slice(prof, metric, threshold)
+    sl = semantic_slice(prof, metric, threshold, criterion="layer_cka")
     info["profile_time_s"] = time.perf_counter() - t0
     masks = []
     for o in range(num_outputs):

@@ -180,7 +180,15 @@ def _demo(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "rq1_auc.json"), "w") as f:
         json.dump(auc, f, indent=1)
     examples = {
-        "semantic": semantic_slice(prof, "taylor", 0.95),
+        "semantic": semantic_slice(
+            prof,
+            "taylor",
+            0.3,
+            model=model,
+            loader=make_loader(train_set, batch_size=256),
+            progress=progress,
+        ),
+        "semantic_layer_cka": semantic_slice(prof, "taylor", 0.95, criterion="layer_cka"),
         "global": global_slice(prof, "taylor", 0.5),
         "categorywise": categorywise_slice(prof, "taylor", 0.5),
     }

@@ -117,7 +117,9 @@ def paper_semantic(name: str = "semantic (layer CKA)") -> Knob:
     """The paper's criterion: :func:`neuslice.semantic_slice` (knob: CKA threshold)."""
     return Knob(
         name,
-        lambda case, metric, t: neuslice.semantic_slice(case.profile, metric, t),
+        lambda case, metric, t: neuslice.semantic_slice(
+            case.profile, metric, t, criterion="layer_cka"
+        ),
         controls=True,
     )
 

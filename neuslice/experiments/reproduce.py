@@ -340,7 +340,7 @@ def run_rq2(config: RQ2Config = RQ2Config(), progress: bool = True) -> dict[str,
             progress=False,
             hsic_route=config.hsic_route,
         )
-        sem = semantic_slice(prof, config.metric, config.threshold)
+        sem = semantic_slice(prof, config.metric, config.threshold, criterion="layer_cka")
         size = sum(sem.kept().values())
         slices = {
             "none": None,

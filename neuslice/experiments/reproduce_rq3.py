@@ -221,7 +221,7 @@ def run_rq3(
             progress=False,
             hsic_route=config.hsic_route,
         )
-        sem = semantic_slice(prof, config.metric, config.threshold)
+        sem = semantic_slice(prof, config.metric, config.threshold, criterion="layer_cka")
         size = sum(sem.kept().values())
         critical = deeparc(model, loader, threshold=config.deeparc_threshold).critical_layers
         slices: dict[str, Slice | None] = {

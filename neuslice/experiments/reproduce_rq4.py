@@ -183,7 +183,7 @@ def _slicer(
             progress=False,
             hsic_route=hsic_route,
         )
-        sem = semantic_slice(prof, metric, threshold)
+        sem = semantic_slice(prof, metric, threshold, criterion="layer_cka")
         if kind == "semantic":
             return sem
         size = sum(sem.kept().values())

@@ -7,6 +7,8 @@ same per-layer sizes, the floor every strategy must beat.
 
 from __future__ import annotations
 
+import functools
+
 import csv
 import logging
 import os
@@ -112,7 +114,7 @@ def masking_sweep(
     makers = {
         "global": global_slice,
         "categorywise": categorywise_slice,
-        "semantic": semantic_slice,
+        "semantic": functools.partial(semantic_slice, criterion="layer_cka"),  # the paper's
     }
     rows = []
     for strategy, metric, setting in progress_bar(jobs, progress, "masking sweep", "slice"):

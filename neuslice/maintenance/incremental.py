@@ -21,6 +21,8 @@ rules without any mask.
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import math
 import os
@@ -37,7 +39,7 @@ from .batchnorm import recalibrate_batchnorm
 from ..masking import masked
 from .masked_optimizer import MaskedOptimizer, head_name, class_index
 from ..profiling.profile import profile
-from ..slicing import Slice, categorywise_slice, global_slice, semantic_slice
+from ..slicing import CRITERIA, Slice, categorywise_slice, global_slice, semantic_slice
 from .._utils.training import fit_epochs, make_loader
 from .._utils.checks import check_fraction, model_device
 
@@ -252,11 +254,16 @@ def make_slicer(
     metric: str = "taylor",
     value: float = 0.9,
     batch_size: int = 128,
+    criterion: str = "layer_cka",
     **profile_kwargs: Any,
 ) -> Slicer:
     """A ``slicer(model, dataset, classes) -> Slice`` that profiles ``model`` on ``dataset``
-    and slices with ``strategy`` ("semantic": CKA ``threshold=value``; "global" /
-    "categorywise": ``ratio=value``). Classes absent from ``dataset`` are skipped."""
+    and slices with ``strategy`` ("semantic": ``threshold=value``; "global" /
+    "categorywise": ``ratio=value``). Classes absent from ``dataset`` are skipped.
+
+    ``criterion`` is the semantic criterion (:func:`neuslice.semantic_slice`): the paper's
+    ``"layer_cka"`` here by default (the incremental-development results were measured with
+    it, at thresholds around 0.9), or ``"consumer_r2"`` (thresholds around 0.05-0.6)."""
     strategies = {
         "semantic": semantic_slice,
         "global": global_slice,
@@ -266,7 +273,11 @@ def make_slicer(
         raise ValueError(f"strategy must be one of {sorted(strategies)}, got {strategy!r}")
     if not isinstance(metric, str):
         raise TypeError(f"metric must be a metric name such as 'taylor', got {metric!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
     make = strategies[strategy]
+    if strategy == "semantic":
+        make = functools.partial(semantic_slice, criterion=criterion)
     profile_kwargs.setdefault("progress", False)
     profile_kwargs.setdefault("hsic", strategy == "semantic")
 
@@ -278,6 +289,9 @@ def make_slicer(
             metrics=(metric,),
             **profile_kwargs,
         )
+        if strategy == "semantic" and criterion == "consumer_r2":
+            loader = make_loader(dataset, batch_size=batch_size)
+            return make(prof, metric, value, model=model, loader=loader, progress=False)
         return make(prof, metric, value)
 
     slicer.__name__ = f"{strategy}_slicer"
