@@ -183,15 +183,137 @@ def trainable_fraction(
     return trainable / total if total else 0.0
 
 
+# Optimizers whose update is element-wise: an entry of the new parameter and state depends only
+# on the same entry of the old parameter, gradient and state (no norms, factorizations or
+# other reductions across entries). The frozen rows of their state may hold anything during the
+# inner step, as long as the exact originals are put back afterwards. Mapped to the state keys
+# whose square root the step takes: ``sqrt`` of exact zeros (the usual content of frozen rows,
+# whose gradient is zero) runs about ten times slower than of other values on CPU, so while the
+# step runs those frozen rows hold 1.0 instead.
+_ELEMENTWISE: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: (),
+    torch.optim.Adam: ("exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.NAdam: ("exp_avg_sq",),
+    torch.optim.RAdam: ("exp_avg_sq",),
+    torch.optim.RMSprop: ("square_avg",),
+    torch.optim.Adagrad: ("sum",),
+}
+
+
+def _adam_keeps_zero(group: dict[str, Any]) -> bool:
+    """Adam's ``exp_avg.lerp_(grad, 1 - beta1)`` leaves +0 at +0 where the gradient is zero,
+    unless coupled weight decay adds the parameter to the gradient first (the fused kernel has
+    its own arithmetic: not relied on)."""
+    if group.get("fused"):
+        return False
+    return bool(group.get("decoupled_weight_decay")) or bool(group.get("weight_decay", 0) == 0)
+
+
+# State keys whose frozen rows a step cannot change when they are all +0 and the gradient's
+# frozen rows are zero (``step`` zeroes them), given the parameter's group: no restore needed.
+_KEEPS_ZERO: dict[type, tuple[tuple[str, ...], Callable[[dict[str, Any]], bool]]] = {
+    torch.optim.Adam: (("exp_avg",), _adam_keeps_zero),
+    torch.optim.AdamW: (("exp_avg",), _adam_keeps_zero),
+}
+
+
+def _all_positive_zero(rows: torch.Tensor) -> bool:
+    return rows.is_floating_point() and bool((rows == 0).all()) and not bool(rows.signbit().any())
+
+
+def _has_zero_or_subnormal(rows: torch.Tensor) -> bool:
+    if not rows.is_floating_point() or rows.numel() == 0:
+        return False
+    return bool((rows.abs() < torch.finfo(rows.dtype).tiny).any())
+
+
+def _span(idx: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when the sorted row indices ``idx`` are one contiguous range."""
+    start, stop = int(idx[0]), int(idx[-1]) + 1
+    return (start, stop) if stop - start == idx.numel() else None
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-d view (same memory, same bits) whose rows are ``t``'s rows, in the widest
+    element type that tiles them: on CPU ``index_copy_``/``index_fill_`` cost per element, so
+    16-byte elements copy several times faster. ``t`` itself when its layout does not allow."""
+    if (
+        t.device.type != "cpu"
+        or t.layout != torch.strided
+        or t.dim() == 0
+        or t.numel() == 0
+        or not t.is_contiguous()
+    ):
+        return t
+    row_bytes = t.numel() // t.shape[0] * t.element_size()
+    for dtype in (torch.complex128, torch.float64):
+        size = dtype.itemsize
+        if t.element_size() < size and row_bytes % size == 0 and t.data_ptr() % size == 0:
+            return t.view(t.shape[0], -1).view(dtype)
+    return t
+
+
+_FILL_VALUES: dict[tuple[torch.dtype, torch.dtype, float], complex | float] = {}
+
+
+def _wide_value(value: float, dtype: torch.dtype, wide: torch.dtype) -> complex | float:
+    """The ``wide`` scalar whose bytes are ``value`` in ``dtype``, repeated."""
+    key = (dtype, wide, value)
+    if key not in _FILL_VALUES:
+        n = wide.itemsize // dtype.itemsize
+        _FILL_VALUES[key] = torch.full((n,), value, dtype=dtype).view(wide).item()
+    return _FILL_VALUES[key]
+
+
+@dataclass
+class _Saved:
+    tensor: torch.Tensor  # the state tensor the rows were taken from
+    version: int  # its version counter when they were last known to hold ``rows``
+    rows: torch.Tensor  # its frozen rows
+    fill: bool  # give the frozen rows a harmless value during the step
+    zero: bool  # the rows are all +0 (only looked at for the keys in _KEEPS_ZERO)
+
+
 @dataclass
 class _Entry:
     param: nn.Parameter
     idx: torch.Tensor | None  # frozen rows along dim 0; None = the whole tensor is frozen
+    span: tuple[int, int] | None = None  # the frozen rows as one range, when they are
+    group: dict[str, Any] | None = None  # the parameter's group in the optimizer
     # The frozen values as last restored, valid while the tensor's version counter says nobody
     # wrote to it since (forward/backward never do), so most steps need no snapshot.
     saved: torch.Tensor | None = None
     saved_version: int = -1
-    state_saved: dict | None = None  # key -> (state tensor, its version, frozen rows)
+    state_saved: dict[str, _Saved] | None = None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.span is not None:
+            return t[self.span[0] : self.span[1]].clone()
+        return t.index_select(0, self.idx)
+
+    def put(self, t: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write ``rows`` (from :meth:`take`) back into the frozen rows of ``t``."""
+        if self.span is not None:
+            t[self.span[0] : self.span[1]].copy_(rows)
+            return
+        tw = _wide(t)
+        if tw is not t:
+            rw = _wide(rows)
+            if rw.dtype == tw.dtype:
+                tw.index_copy_(0, self.idx, rw)
+                return
+        t.index_copy_(0, self.idx, rows)
+
+    def fill(self, t: torch.Tensor, value: float) -> None:
+        if self.span is not None:
+            t[self.span[0] : self.span[1]].fill_(value)
+            return
+        tw = _wide(t)
+        if tw is not t:
+            tw.index_fill_(0, self.idx, _wide_value(value, t.dtype, tw.dtype))
+        else:
+            t.index_fill_(0, self.idx, value)
 
 
 class MaskedOptimizer:
@@ -206,7 +328,12 @@ class MaskedOptimizer:
     parameters get ``grad=None``, so most optimizers skip them), snapshots them, runs the
     wrapped optimizer and copies them back. Optimizer-state tensors of partly frozen parameters
     (momentum buffers, moments) keep their frozen rows as they were before the step; on the very
-    first step they hold whatever the optimizer computes from a zero gradient. BatchNorm running
+    first step they hold whatever the optimizer computes from a zero gradient. For the
+    element-wise optimizers of ``torch.optim`` (SGD, Adam, AdamW, NAdam, RAdam, RMSprop,
+    Adagrad; not their subclasses) frozen second-moment rows that hold zeros are given a
+    non-zero value while the step runs (CPU ``sqrt`` is slow on zeros) and then restored, and
+    Adam's first-moment rows that are +0 are known to stay so and are not copied back; the
+    result is bit for bit that of the generic path. BatchNorm running
     statistics of frozen channels are restored at each ``step()`` to their values when the
     wrapper was built (call :meth:`sync` after loading new weights into the model).
 
@@ -267,10 +394,10 @@ class MaskedOptimizer:
                 if bool(rows.all()):
                     continue
                 if not bool(rows.any()) or p.dim() == 0:
-                    entries.append(_Entry(p, None))
+                    entries.append(_Entry(p, None, group=g))
                 else:
-                    idx = (~rows).nonzero().reshape(-1).to(p.device)
-                    entries.append(_Entry(p, idx))
+                    idx = (~rows).nonzero().reshape(-1)
+                    entries.append(_Entry(p, idx.to(p.device), _span(idx), g))
         self._entries = entries
         self._signature = self._group_signature()
 
@@ -293,32 +420,78 @@ class MaskedOptimizer:
 
     # ---- the step ------------------------------------------------------------------------
     @staticmethod
-    def _idx(e: _Entry) -> torch.Tensor:
-        if e.idx.device != e.param.device:  # the model was moved after the wrapper was built
+    def _place(e: _Entry) -> None:
+        if e.idx is not None and e.idx.device != e.param.device:  # the model moved since
             e.idx = e.idx.to(e.param.device)
-        return e.idx
 
-    def _snapshot(self, e: _Entry) -> None:
+    def _snapshot(self, e: _Entry, fill_keys: tuple[str, ...], zero_keys: tuple[str, ...]) -> None:
         """Frozen values of ``e`` (and of its optimizer state) as they are before the step,
-        copied only when something other than this wrapper wrote to them since the last one."""
+        copied only when something other than this wrapper wrote to them since the last one.
+        Frozen rows of the state keys in ``fill_keys`` that hold zeros are marked for
+        :meth:`_fill`."""
         p = e.param
         if e.saved is None or e.saved_version != p._version or e.saved.device != p.device:
-            e.saved = (
-                p.detach().clone() if e.idx is None else p.detach().index_select(0, self._idx(e))
-            )
+            e.saved = p.detach().clone() if e.idx is None else e.take(p.detach())
             e.saved_version = p._version
         if e.idx is None:
             return
-        idx = self._idx(e)
         old = e.state_saved or {}
         state = {}
         for k, v in self.optimizer.state.get(p, {}).items():
             if isinstance(v, torch.Tensor) and v.shape == p.shape:
                 c = old.get(k)
-                if c is None or c[0] is not v or c[1] != v._version:
-                    c = (v, v._version, v.index_select(0, idx))
+                if c is None or c.tensor is not v or c.version != v._version:
+                    rows = e.take(v)
+                    c = _Saved(
+                        v,
+                        v._version,
+                        rows,
+                        fill=k in fill_keys and _has_zero_or_subnormal(rows),
+                        zero=k in zero_keys and _all_positive_zero(rows),
+                    )
                 state[k] = c
         e.state_saved = state
+
+    def _fill(self) -> None:
+        """Give the marked frozen state rows a value whose square root is fast; the step cannot
+        carry it into other rows (element-wise optimizers only) and :meth:`_restore` puts the
+        originals back."""
+        for e in self._entries:
+            if e.state_saved:
+                for c in e.state_saved.values():
+                    if c.fill:
+                        e.fill(c.tensor, 1.0)
+
+    def _restore(self) -> None:
+        """Put back the frozen rows of parameters and optimizer state and the frozen
+        BatchNorm statistics, and note the version counters that now hold them."""
+        zero_keys, keeps_zero = _KEEPS_ZERO.get(type(self.optimizer), ((), None))
+        for e in self._entries:
+            p = e.param.detach()
+            if e.idx is None:
+                if p._version != e.saved_version:  # untouched (no grad): nothing to undo
+                    p.copy_(e.saved)
+                    e.saved_version = p._version
+                continue
+            e.put(p, e.saved)
+            e.saved_version = p._version
+            if not e.state_saved:
+                continue
+            current = self.optimizer.state.get(e.param, {})
+            kept = zero_keys if zero_keys and keeps_zero(e.group) else ()
+            for k, c in e.state_saved.items():
+                t = current.get(k)
+                if isinstance(t, torch.Tensor) and t.shape == p.shape:
+                    if not (c.zero and k in kept and t is c.tensor):
+                        e.put(t, c.rows)
+                    c.tensor, c.version = t, t._version
+        for m, idx, mean, var in self._norm_saved:
+            if m.running_mean is not None:
+                dev = m.running_mean.device
+                if idx.device != dev:
+                    idx, mean, var = idx.to(dev), mean.to(dev), var.to(dev)
+                m.running_mean.index_copy_(0, idx, mean)
+                m.running_var.index_copy_(0, idx, var)
 
     def _mask_grads(self) -> None:
         with torch.no_grad():
@@ -329,7 +502,8 @@ class MaskedOptimizer:
                 if e.idx is None:
                     e.param.grad = None
                 else:
-                    g.index_fill_(0, self._idx(e), 0)
+                    self._place(e)
+                    e.fill(g, 0)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of the wrapped optimizer; frozen entries and frozen BN statistics are kept."""
@@ -346,35 +520,20 @@ class MaskedOptimizer:
                 self._mask_grads()
                 return loss
 
+        fill_keys = _ELEMENTWISE.get(type(self.optimizer), ())
+        zero_keys = _KEEPS_ZERO.get(type(self.optimizer), ((), None))[0]
         with torch.no_grad():
             for e in self._entries:
-                self._snapshot(e)
-        loss = self.optimizer.step() if wrapped is None else self.optimizer.step(wrapped)
-        with torch.no_grad():
-            for e in self._entries:
-                p = e.param
-                if e.idx is None:
-                    if p._version != e.saved_version:  # untouched (no grad): nothing to undo
-                        p.detach().copy_(e.saved)
-                        e.saved_version = p._version
-                    continue
-                p.detach().index_copy_(0, e.idx, e.saved)
-                e.saved_version = p._version
-                current = self.optimizer.state.get(p, {})
-                for k, (old, _, rows) in e.state_saved.items():
-                    t = current.get(k)
-                    if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                        t.index_copy_(0, e.idx, rows)
-                        e.state_saved[k] = (t, t._version, rows)
-            for m, idx, mean, var in self._norm_saved:
-                if m.running_mean is not None:
-                    m.running_mean.index_copy_(
-                        0, idx.to(m.running_mean.device), mean.to(m.running_mean.device)
-                    )
-                    m.running_var.index_copy_(
-                        0, idx.to(m.running_var.device), var.to(m.running_var.device)
-                    )
-        return loss
+                self._place(e)
+                self._snapshot(e, fill_keys, zero_keys)
+        try:
+            if fill_keys:
+                with torch.no_grad():
+                    self._fill()
+            return self.optimizer.step() if wrapped is None else self.optimizer.step(wrapped)
+        finally:
+            with torch.no_grad():
+                self._restore()
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
