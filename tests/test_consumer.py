@@ -154,13 +154,26 @@ def test_slice_matches_curves_and_reuses_them(setup):
     assert a.kept() == b.kept()
     assert all(torch.equal(a.masks[l], b.masks[l]) for l in a.masks)
     assert a.strategy == "consumer_r2" and a.threshold == 0.4
-    for layer in prof.layers:  # each category's prefix is the minimal one reaching θ
-        for c in range(C):
-            k = int(a.category_masks[layer][c].sum())
+    own = cv.slice(0.4, prefix="own")
+    for layer in prof.layers:
+        minimal = []
+        for c in range(C):  # prefix="own": each category's prefix is the minimal one reaching θ
+            k = int(own.category_masks[layer][c].sum())
             r2 = cv.r2[layer][c]
             assert float(r2[k]) >= 0.4 - 1e-12
             if k > 0:
                 assert not float(r2[:k].max()) >= 0.4
+            minimal.append(k)
+        # prefix="shared" (default): every category keeps its top-k, k = ceil(mean minimal)
+        k = math.ceil(sum(minimal) / len(minimal))
+        for c in range(C):
+            assert set(a.category_masks[layer][c].nonzero().flatten().tolist()) == set(
+                cv.order[layer][c, :k].tolist()
+            )
+        assert torch.equal(a.masks[layer], a.category_masks[layer].any(0))
+        assert int(own.masks[layer].sum()) >= 1
+    with pytest.raises(ValueError, match="prefix"):
+        cv.slice(0.4, prefix="mean")
 
 
 def test_model_untouched(setup):
