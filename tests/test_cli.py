@@ -405,7 +405,9 @@ def test_evaluate_writes_matched_table_csv_and_plot(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "target 60%" in out and "semantic (consumer R²)" in out and "categorywise" in out
+    assert (
+        "target 60%" in out and "semantic (consumer R², default)" in out and "categorywise" in out
+    )
     for ext in ("txt", "csv", "png"):
         assert (tmp_path / "out" / f"matched.{ext}").stat().st_size > 0
 

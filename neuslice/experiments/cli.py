@@ -726,9 +726,10 @@ def _add_evaluate(sub) -> None:
     e.add_argument(
         "--criteria",
         nargs="+",
-        default=["layer_cka", "consumer_r2"],
-        choices=["layer_cka", "consumer_r2"],
-        help="semantic criteria: the paper's layer CKA and the consumer R²",
+        default=["consumer_r2", "layer_cka"],
+        choices=["consumer_r2", "layer_cka"],
+        help="semantic criteria: consumer R² (semantic_slice's default; shared prefix) and the "
+        "paper's layer CKA",
     )
     e.add_argument(
         "--plain",

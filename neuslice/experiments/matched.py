@@ -125,12 +125,14 @@ def paper_semantic(name: str = "semantic (layer CKA)") -> Knob:
 
 
 def consumer_semantic(
-    name: str = "semantic (consumer R²)",
+    name: str = "semantic (consumer R², default)",
     samples: int = 128,
     after_norm: bool = False,
     centre: str = "category",
+    prefix: str = "shared",
 ) -> Knob:
-    """The consumer-R² criterion (:mod:`neuslice.consumer`); curves cached per case/metric."""
+    """The consumer-R² criterion (:mod:`neuslice.consumer`; ``prefix="shared"`` is
+    :func:`neuslice.semantic_slice`'s default); curves cached per case/metric."""
     from neuslice.consumer import consumer_r2_curves
 
     cache: dict = {}
@@ -148,7 +150,7 @@ def consumer_semantic(
                 centre=centre,
                 progress=False,
             )
-        return cache[key].slice(t)
+        return cache[key].slice(t, prefix)
 
     return Knob(name, make, controls=True)
 
@@ -287,7 +289,10 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    criteria = list(criteria) if criteria is not None else [paper_semantic()]
+    if criteria is None:  # the default criterion needs data; the paper's only the profile
+        data = all(c.train_loader is not None for c in cases)
+        criteria = [consumer_semantic(), paper_semantic()] if data else [paper_semantic()]
+    criteria = list(criteria)
     baselines = list(baselines) if baselines is not None else [global_knob(), categorywise_knob()]
     if not cases:
         raise ValueError("no cases to evaluate")
