@@ -298,7 +298,27 @@ def neuron_hsic(
         M.addmm_(D, D.T, alpha=-(1.0 + 2.0 / (n - 2)))
         M.addr_(t, t, alpha=1.0 / ((n - 1) * (n - 2)))
         scale = 1.0 / (n * (n - 3))
-    return (M + M.T).mul_(0.5 * scale)  # exactly symmetric
+    return _symmetrize_(M, 0.5 * scale)  # exactly symmetric
+
+
+_SYM_TILE: int = 256  # tile side of the in-place symmetrisation of large matrices
+
+
+def _symmetrize_(M: torch.Tensor, factor: float) -> torch.Tensor:
+    """``(M + Mᵀ) · factor``, in place for large ``M`` (tile by tile: no second d x d matrix);
+    the same values either way, as ``M_ij + M_ji`` is the same sum as ``M_ji + M_ij``."""
+    d = M.shape[0]
+    if d <= 2 * _SYM_TILE:
+        return (M + M.T).mul_(factor)
+    b = _SYM_TILE
+    for i in range(0, d, b):
+        for j in range(i, d, b):
+            a = M[i : i + b, j : j + b] + M[j : j + b, i : i + b].T
+            a.mul_(factor)
+            M[i : i + b, j : j + b] = a
+            if j != i:
+                M[j : j + b, i : i + b] = a.T
+    return M
 
 
 def prefix_curve(M: Any, order: Any) -> torch.Tensor:

@@ -641,3 +641,56 @@ def test_memory_estimate_refuses_a_bad_batch_size(batch_size):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         neuslice.estimate_profile_memory(model, torch.randn(2, 4), 2, batch_size=batch_size)
+
+
+# -------------------------------------------- outputs the model changes in place (no copies)
+class _Residual(nn.Module):
+    """conv -> bn -> relu -> conv -> bn, ``+=`` the input, relu; ``inplace`` picks in-place
+    (``ReLU(inplace=True)``, ``out += x``) or out-of-place versions of the same computation."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 16, C)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        out = self.relu(out)
+        return self.head(out.flatten(1))
+
+
+@pytest.mark.parametrize("probed", [True, False])
+def test_outputs_changed_in_place_are_copied(probed, monkeypatch):
+    """Found by the one-sample probe before the pass, or else (``probed=False``) on the first
+    batch, which then runs again: the results equal the out-of-place model's either way."""
+    if not probed:
+        from neuslice.profiling import planning, profile as profile_mod
+
+        monkeypatch.setattr(profile_mod, "layer_shapes", lambda *a: planning.layer_shapes(*a[:5]))
+    torch.manual_seed(0)
+    plain = _Residual(inplace=False).double().eval()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    inplace = copy.deepcopy(plain)
+    inplace.inplace, inplace.relu.inplace = True, True
+    x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
+    y = torch.arange(40) % C
+    loader = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+    kw = dict(metrics=neuslice.ALL_METRICS, cka_batch=4)
+    want = run(plain, loader, **kw)
+    got = run(inplace, loader, **kw)
+    assert set(got.tensors) == set(want.tensors)
+    for k, v in want.tensors.items():
+        assert torch.equal(got.tensors[k], v), k

@@ -42,10 +42,22 @@ class LayerState:
             else None
         )
         self.grouped = cfg.category_order == "grouped"
-        self.acc = self.new_acc(c) if cfg.hsic and not self.grouped else None
         self.open: dict[int, object] = {}  # grouped: category -> 1-slot accumulator
+        # hook points (z, u, h) whose outputs the model changes in place: the pass copies them
+        self.copied: set[str] = set()
         self.hsic_weight = z(c)
-        self.hsic = z(c, d, d) if cfg.hsic and cfg.keep_hsic else None
+        # "any": every category is stored at the end, so the matrices are left unwritten until
+        # then (a checkpoint saves zeros for them); the minibatch route accumulates its sums in
+        # them and divides them in place at the end
+        self.hsic = None
+        self._hsic_blank = False
+        if cfg.hsic and cfg.keep_hsic:
+            if self.grouped:
+                self.hsic = z(c, d, d)
+            else:
+                self.hsic = torch.empty(c, d, d, dtype=ACC, device=device)
+                self._hsic_blank = True
+        self.acc = self.new_acc(c, self.hsic) if cfg.hsic and not self.grouped else None
         self.curves = (
             {
                 m: torch.full((c, d), float("nan"), dtype=ACC, device=device)
@@ -56,7 +68,9 @@ class LayerState:
         )
 
     # ---- accumulation ------------------------------------------------------------------
-    def new_acc(self, slots: int):
+    def new_acc(self, slots: int, storage: torch.Tensor | None = None):
+        """An HSIC accumulator with ``slots`` categories; the minibatch route keeps its sums in
+        ``storage`` (``(slots, d, d)`` float64) if given."""
         d = self.layer.num_neurons
         if self.route == "feature":
             return CovarianceAccumulator(
@@ -64,7 +78,9 @@ class LayerState:
             )
         backend = self.cfg.backend
         fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=backend)  # noqa: E731
-        return MinibatchHSICAccumulator(slots, d, self.cfg.cka_batch, fn, self.device)
+        return MinibatchHSICAccumulator(
+            slots, d, self.cfg.cka_batch, fn, self.device, storage=storage
+        )
 
     def _feed(self, acc, a: torch.Tensor, y: torch.Tensor) -> None:
         if self.route == "feature":
@@ -113,8 +129,9 @@ class LayerState:
         acc.finalize()
         return acc
 
-    def _results(self, acc):
-        """Per slot: (HSIC matrix, weight), one slot at a time to bound the temporaries."""
+    def _results(self, acc, outs=None):
+        """Per slot: (HSIC matrix, weight), one slot at a time to bound the temporaries; the
+        minibatch route writes slot ``k``'s matrix into ``outs[k]`` when given."""
         d = self.layer.num_neurons
         if self.route == "feature":
             acc.finalize()
@@ -124,19 +141,33 @@ class LayerState:
         else:
             acc.finalize()
             for k in range(acc.weight.shape[0]):  # one category at a time: no (C, d, d) temporary
-                yield acc.result_of(k)
+                yield acc.result_of(k, None if outs is None else outs[k])
+
+    def _hsic_written(self) -> torch.Tensor | None:
+        """``self.hsic`` with the categories not yet stored at zero."""
+        if self._hsic_blank:
+            if getattr(self.acc, "storage", None) is self.hsic:
+                return torch.zeros_like(self.hsic)  # it holds the accumulator's sums
+            self.hsic.zero_()
+            self._hsic_blank = False
+        return self.hsic
 
     def store(self, acc, categories: list[int]) -> None:
         """Turn ``acc`` (one slot per entry of ``categories``) into results."""
-        for c, (m, w) in zip(categories, self._results(acc)):
+        if self._hsic_blank and sorted(categories) != list(range(self.hsic.shape[0])):
+            self._hsic_written()
+        outs = None if self.hsic is None else [self.hsic[c] for c in categories]
+        for c, (m, w) in zip(categories, self._results(acc, outs)):
             self.hsic_weight[c] = w
             if self.hsic is not None:
-                self.hsic[c] = m
+                if m.data_ptr() != self.hsic[c].data_ptr():
+                    self.hsic[c] = m
             elif float(w) > 0:
                 metrics = list(self.curves)
                 got = cka.prefix_curves(m, [ranking(score(self._get, k, c)) for k in metrics])
                 for metric, curve in zip(metrics, got):
                     self.curves[metric][c] = curve
+        self._hsic_blank = False
 
     def _get(self, key: str) -> torch.Tensor:
         if key in ("count", "mean", "m2"):
@@ -149,7 +180,7 @@ class LayerState:
         out.update(self.sums)
         out["hsic_weight"] = self.hsic_weight
         if self.hsic is not None:
-            out["hsic"] = self.hsic
+            out["hsic"] = self._hsic_written()
         for metric, curves in self.curves.items():
             out[f"curve.{metric}"] = curves
         return {k: v.cpu() for k, v in out.items()}
@@ -171,7 +202,7 @@ class LayerState:
             "acc": acc_state(self.acc) if self.acc is not None else None,
             "open": {int(k): acc_state(a) for k, a in self.open.items()},
             "hsic_weight": cpu(self.hsic_weight),
-            "hsic": cpu(self.hsic) if self.hsic is not None else None,
+            "hsic": cpu(self._hsic_written()) if self.hsic is not None else None,
             "curves": {k: cpu(v) for k, v in self.curves.items()},
         }
 
@@ -188,5 +219,6 @@ class LayerState:
         self.hsic_weight.copy_(st["hsic_weight"])
         if self.hsic is not None:
             self.hsic.copy_(st["hsic"])
+            self._hsic_blank = False
         for k, v in st["curves"].items():
             self.curves[k].copy_(v)

@@ -64,7 +64,9 @@ def check_logits(logits: torch.Tensor, num_classes: int, metric: str) -> None:
 def check_finite(layer: SlicedLayer, values: torch.Tensor, what: str) -> None:
     """ValueError if ``values`` holds NaN/Inf. A sum is finite only if every term is (NaN and
     Inf propagate), so callers may pass sums over positions instead of every value."""
-    if not torch.isfinite(values).all():
+    # the extremes are finite iff every value is (NaN propagates through them); one reduction,
+    # where ``torch.isfinite(values).all()`` makes several passes and two temporaries
+    if values.numel() and not torch.isfinite(torch.stack(torch.aminmax(values))).all():
         raise ValueError(
             f"layer {layer.name!r} produced NaN/Inf {what}; check the model's weights and the "
             f"inputs (normalisation, overflow in half precision)."
@@ -92,10 +94,13 @@ def neuron_values(layer: SlicedLayer, h: torch.Tensor) -> torch.Tensor:
     return layer.neuron_view(layer.apply_post(h.detach().clone() if layer.post_ops else h.detach()))
 
 
-def probe_positions(model, layers, x: torch.Tensor, autocast=None):
+def probe_positions(model, layers, x: torch.Tensor, autocast=None, inplace=None):
     """Positions per neuron (1 for dense layers, H·W for convolutions) from one sample, and
-    the dtype the statistics will be accumulated from."""
+    the dtype the statistics will be accumulated from. ``inplace``: a dict to fill with the
+    hook points (``"z"``, ``"u"``, ``"h"``, as in :func:`forward_pass`) of each layer whose
+    output the model then changes in place."""
     kept = {}
+    versions = {}
 
     def keep(layer):
         def cb(out):
@@ -104,12 +109,29 @@ def probe_positions(model, layers, x: torch.Tensor, autocast=None):
 
         return cb
 
-    with torch.no_grad(), hooks_at(model, [(l.hook_module, l.call_index, keep(l)) for l in layers]):
+    def watch(layer, key):
+        def cb(out):
+            versions[(layer.name, key)] = (out, out._version)
+
+        return cb
+
+    points = [(l.hook_module, l.call_index, keep(l)) for l in layers]
+    if inplace is not None:
+        for l in layers:
+            points.append((l.module, None, watch(l, "z")))
+            if l.norm_module is not None:
+                points.append((l.norm_module, None, watch(l, "u")))
+            points.append((l.hook_module, l.call_index, watch(l, "h")))
+    with torch.no_grad(), hooks_at(model, points):
         with autocast_ctx(x.device, autocast):
             model(x[:1])
     missing = [l.name for l in layers if l.name not in kept]
     if missing:
         raise RuntimeError(f"layer(s) {missing} were not executed by the model's forward pass.")
+    if inplace is not None:
+        for (name, key), (out, version) in versions.items():
+            if out._version != version:
+                inplace.setdefault(name, set()).add(key)
     values = {l.name: neuron_values(l, kept[l.name]) for l in layers}
     dtype = accumulation_dtype(next(iter(values.values()))) if values else torch.float32
     return {n: int(v.shape[2]) for n, v in values.items()}, dtype
@@ -119,19 +141,30 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
     """One forward on the batch for every metric: moments and HSIC statistics from it, then one
     backward for Taylor and one, through the same graph with the rescale rule switched on, for
     DeepLIFT (its baseline is one extra forward of a single sample). Returns the seconds spent
-    on DeepLIFT's own work (baseline and backward)."""
+    on DeepLIFT's own work (baseline and backward).
+
+    The hooked outputs are kept as they are and handed on to the model uncopied; a point whose
+    output the model then changes in place (``ReLU(inplace=True)``, ``out += identity``: its
+    version counter moves) is copied from then on (``LayerState.copied``), and the batch runs
+    again."""
     want_taylor = "taylor" in cfg.metrics or "taylor_act" in cfg.metrics
     want_dl = "deeplift" in cfg.metrics
     want_grad = want_taylor or want_dl
     kept: dict[str, dict[str, torch.Tensor]] = {l.name: {} for l in layers}
+    versions: dict[tuple[str, str], int] = {}
+    copy_all = [False]
     points = []
 
     def keep(layer, key):
+        copied = states[layer.name].copied
+
         def cb(out):
-            if want_grad:
-                out = grad_leaf(out)
-            kept[layer.name][key] = out
-            return out.clone()  # the model gets a copy; ours is never modified in place
+            leaf = grad_leaf(out) if want_grad else out
+            kept[layer.name][key] = leaf
+            if copy_all[0] or leaf is not out or key in copied:
+                return leaf.clone()  # the model gets a copy; ours is never modified in place
+            versions[(layer.name, key)] = leaf._version
+            return None
 
         return cb
 
@@ -149,17 +182,31 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
         if want_dl:
             t0 = time.perf_counter()
             rule.begin("record")
+            copy_all[0] = True  # one sample: copying costs nothing
             with torch.no_grad(), autocast_ctx(x.device, cfg.autocast):
                 model(torch.zeros_like(x[:1]))
+            copy_all[0] = False
             base = {l.name: kept[l.name].pop("h", None) for l in layers}
-            for k in kept.values():
-                k.clear()
-            rule.begin("apply")
             t_dl += time.perf_counter() - t0
         if want_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
-        with autocast_ctx(x.device, cfg.autocast):
-            logits = model_logits(model(x), cfg)
+        while True:
+            for k in kept.values():
+                k.clear()
+            versions.clear()
+            if rule is not None:
+                rule.begin("apply")
+            with autocast_ctx(x.device, cfg.autocast):
+                logits = model_logits(model(x), cfg)
+            changed = [
+                (n, key)
+                for (n, key), v in versions.items()
+                if key in kept[n] and kept[n][key]._version != v
+            ]
+            if not changed:
+                break
+            for n, key in changed:  # the model changed them in place: copy them from now on
+                states[n].copied.add(key)
         if rule is not None:
             rule.begin(None)
     for l in layers:
@@ -169,7 +216,7 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
             raise RuntimeError(f"layer {l.name!r} was not executed by the model's forward pass.")
         a = neuron_values(l, h)
         a = a.to(accumulation_dtype(a))
-        per_sample = a.mean(dim=2)
+        per_sample = a[:, :, 0] if a.shape[2] == 1 else a.mean(dim=2)
         check_finite(l, per_sample, "outputs")  # the means are finite iff every value is
         st.moments.update(per_sample, y)
         if cfg.hsic:
@@ -181,6 +228,12 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
         _deeplift(layers, states, kept, base, logits, y, cfg, rule)
         t_dl += time.perf_counter() - t0
     return t_dl
+
+
+def _over_positions(p: torch.Tensor) -> torch.Tensor:
+    """``p.sum(2)`` of ``(batch, neurons, positions)``; a dense layer's one position is read
+    as it is (no reduction kernel)."""
+    return p[:, :, 0] if p.shape[2] == 1 else p.sum(2)
 
 
 def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
@@ -198,14 +251,16 @@ def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
     for (l, key), t, g in zip(owners, targets, grads):
         g = torch.zeros_like(t) if g is None else g
         wd = accumulation_dtype(t)
-        per[(l.name, key)] = (
-            (l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)).sum(2).to(ACC)
-        )
+        per[(l.name, key)] = _over_positions(
+            l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)
+        ).to(ACC)
     cats, inv, n_b = torch.unique(y, return_inverse=True, return_counts=True)  # present ones
     for l in layers:
         st = states[l.name]
         if "taylor" in cfg.metrics:
-            t = per[(l.name, "z")] + per.get((l.name, "u"), 0)
+            t = per[(l.name, "z")]
+            if (l.name, "u") in per:
+                t = t + per[(l.name, "u")]
             sums = torch.zeros(cats.numel(), t.shape[1], dtype=ACC, device=t.device).index_add_(
                 0, inv, t
             )
@@ -235,6 +290,6 @@ def _deeplift(layers, states, kept, base, logits, y, cfg, rule) -> None:
             raise RuntimeError(f"layer {l.name!r} was not executed on the DeepLIFT baseline.")
         wd = accumulation_dtype(h)
         diff = l.neuron_view(h.detach()).to(wd) - l.neuron_view(h0.detach()).to(wd)
-        contrib = (diff * l.neuron_view(g).to(wd)).sum(2).to(ACC)
+        contrib = _over_positions(diff * l.neuron_view(g).to(wd)).to(ACC)
         check_finite(l, contrib, "DeepLIFT contributions")
         states[l.name].sums["deeplift"].index_add_(0, y, contrib)

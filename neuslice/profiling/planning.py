@@ -127,12 +127,13 @@ def plan_memory(
     )
 
 
-def layer_shapes(model, sliced, first, reducer, autocast):
-    """Positions per layer and the neuron dtype, agreed by all ranks."""
+def layer_shapes(model, sliced, first, reducer, autocast, inplace=None):
+    """Positions per layer and the neuron dtype, agreed by all ranks (``inplace``: see
+    ``probe_positions``; this rank's own)."""
     shapes = None
     if first is not None:
         x = first[0]
-        positions, dtype = probe_positions(model, sliced, x, autocast)
+        positions, dtype = probe_positions(model, sliced, x, autocast, inplace)
         shapes = (positions, str(dtype), list(x.shape[1:]))
     if reducer is not None:
         known = [s for s in reducer.gather_objects(shapes, "exchanging layer shapes") if s]

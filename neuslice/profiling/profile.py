@@ -135,8 +135,9 @@ def _plan(
     first = next((b for b in read if b[0].shape[0]), None)
     if first is not None:
         first = (first[0].to(device), first[1])
+    inplace: dict[str, set[str]] = {}
     positions, feat_dtype, input_shape = layer_shapes(
-        work_model, sliced, first, reducer, cfg.autocast
+        work_model, sliced, first, reducer, cfg.autocast, inplace
     )
     batch_size = max([b[0].shape[0] for b in read] + [1])
     weights = model_bytes(work_model) * (1 if work_model is model else 2)
@@ -165,6 +166,8 @@ def _plan(
         l.name: LayerState(l, positions[l.name], cfg, device, accumulation_dtype(feat_dtype))
         for l in sliced
     }
+    for name, keys in inplace.items():  # copied from the start: no batch runs twice for them
+        states[name].copied |= keys
     p = _Pass(
         work_model,
         sliced,

@@ -55,6 +55,17 @@ class _Stateful:
 ACC = torch.float64
 
 
+def by_category(values: torch.Tensor, labels: torch.Tensor):
+    """``(category, a copy of its rows of values)`` for each category present, in increasing
+    order, each category's rows in their order in the batch (one stable sort of the labels
+    instead of a mask per category; separate copies, so no buffer holds on to the batch)."""
+    cats, counts = torch.unique(labels, return_counts=True)
+    if cats.numel() == 1:
+        return [(int(cats[0]), values.clone())]
+    order = torch.argsort(labels, stable=True).split(counts.tolist())
+    return [(k, values.index_select(0, idx)) for k, idx in zip(cats.tolist(), order)]
+
+
 def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge (count, mean, sum of squared deviations) of two disjoint sample sets.
 
@@ -92,8 +103,8 @@ class MomentAccumulator(_Stateful):
             cats.numel(), values.shape[1], dtype=ACC, device=values.device
         ).index_add_(0, inv, values)
         mean_b = sums / n_b.unsqueeze(1).to(ACC)
-        dev = values - mean_b[inv]
-        m2_b = torch.zeros_like(sums).index_add_(0, inv, dev * dev)
+        dev = mean_b.index_select(0, inv).sub_(values)  # -(x - mean): the same squares
+        m2_b = torch.zeros_like(sums).index_add_(0, inv, dev.mul_(dev))
         n, mean, m2 = merge_moments(
             self.count[cats], self.mean[cats], self.m2[cats], n_b, mean_b, m2_b
         )
@@ -140,8 +151,7 @@ class CovarianceAccumulator(_Stateful):
         self.buffered = [0] * num_classes
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        for k in torch.unique(labels).tolist():
-            x = feats[labels == k]
+        for k, x in by_category(feats, labels):
             self.buffers[k].append(x)
             self.buffered[k] += x.shape[0]
             if self.buffered[k] >= self.buffer_size:
@@ -203,7 +213,7 @@ class CovarianceAccumulator(_Stateful):
             return torch.zeros(d, d, dtype=ACC, device=self.s1.device), n
         self._s2[k] = None
         cm.addr_(self.s1[k], self.s1[k], alpha=-1.0 / max(float(n), 1.0))  # in place: no p x p temp
-        m = cm.view(d, s, d, s).square_().sum(dim=(1, 3))
+        m = cm.square_() if s == 1 else cm.view(d, s, d, s).square_().sum(dim=(1, 3))
         return m.div_((n - 1).clamp(min=1).square()), n
 
     def set_moments(self, count: torch.Tensor, mean: torch.Tensor, comoment: torch.Tensor) -> None:
@@ -245,28 +255,73 @@ class MinibatchHSICAccumulator(_Stateful):
     MIN_SAMPLES = 4  # the unbiased estimator needs n >= 4
     _STATE = ("buffers", "buffered", "weight", "total")
 
-    def __init__(self, num_classes: int, dim: int, batch_size: int, hsic_fn, device=None):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        batch_size: int,
+        hsic_fn,
+        device=None,
+        storage: torch.Tensor | None = None,
+    ):
         self.device = device
         if batch_size < self.MIN_SAMPLES:
             raise ValueError(f"cka_batch must be >= {self.MIN_SAMPLES}, got {batch_size}")
         self.batch_size = batch_size
         self.hsic_fn = hsic_fn
+        self.dim = dim
         self.buffers: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
         self.buffered = [0] * num_classes
         self.weight = torch.zeros(num_classes, dtype=ACC, device=device)
-        self.total = torch.zeros(num_classes, dim, dim, dtype=ACC, device=device)
+        # per category Σ n·HSIC, (d, d), allocated at its first minibatch (None: zeros); once
+        # ``total`` is read, views of that (C, d, d) tensor
+        self._total: list[torch.Tensor | None] = [None] * num_classes
+        self._dense: torch.Tensor | None = None
+        # (C, d, d) float64 memory the sums may live in (the caller's results, divided in place
+        # by ``result_of(k, out=storage[k])``)
+        self._storage = storage
+
+    @property
+    def storage(self) -> torch.Tensor | None:
+        """The memory the sums may live in (None: their own)."""
+        return self._storage
+
+    @property
+    def total(self) -> torch.Tensor:
+        """``(C, d, d)`` sums of ``n·HSIC`` per category (zeros where none flushed)."""
+        if self._dense is None:
+            dense = torch.zeros(
+                len(self._total), self.dim, self.dim, dtype=ACC, device=self.weight.device
+            )
+            for k, t in enumerate(self._total):
+                if t is not None:
+                    dense[k] = t
+            self.total = dense
+        return self._dense
+
+    @total.setter
+    def total(self, value: torch.Tensor) -> None:
+        self._dense = value
+        self._total = list(value.unbind(0))
 
     def _flush(self, k: int, n: int) -> None:
         data = torch.cat(self.buffers[k])
         chunk, rest = data[:n], data[n:]
         self.buffers[k] = [rest] if rest.shape[0] else []
         self.buffered[k] = rest.shape[0]
-        self.total[k] += self.hsic_fn(chunk).to(ACC) * n
+        m = self.hsic_fn(chunk)
+        if self._total[k] is None and self._storage is not None and self._dense is None:
+            self._total[k] = self._storage[k].copy_(m).mul_(n)  # n·HSIC in float64
+        else:
+            m = (m.to(ACC) if m.dtype != ACC else m.clone()).mul_(n)  # our own float64 copy
+            if self._total[k] is None:
+                self._total[k] = m
+            else:
+                self._total[k] += m
         self.weight[k] += n
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor) -> None:
-        for k in torch.unique(labels).tolist():
-            x = acts[labels == k]
+        for k, x in by_category(acts, labels):
             self.buffers[k].append(x)
             self.buffered[k] += x.shape[0]
             while self.buffered[k] >= self.batch_size:
@@ -283,6 +338,11 @@ class MinibatchHSICAccumulator(_Stateful):
         w = self.weight.clamp(min=1).view(-1, 1, 1)
         return self.total / w, self.weight
 
-    def result_of(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``result()`` of category ``k`` alone."""
-        return self.total[k] / self.weight[k].clamp(min=1), self.weight[k]
+    def result_of(self, k: int, out: torch.Tensor | None = None):
+        """``result()`` of category ``k`` alone (the matrix written into ``out`` if given)."""
+        t, w = self._total[k], self.weight[k]
+        if t is None:
+            if out is None:
+                return torch.zeros(self.dim, self.dim, dtype=ACC, device=w.device), w
+            return out.zero_(), w
+        return torch.div(t, w.clamp(min=1), out=out), w
