@@ -54,7 +54,9 @@ ESTIMATORS: tuple[str, ...] = ("biased", "unbiased")
 # (2**25 float64 elements = 256 MiB).  Larger problems are processed in chunks.
 
 # Positions per block in prefix_curve's self-HSIC (the matmul vs gather trade-off).
-_PREFIX_BLOCK: int = 128
+_PREFIX_BLOCK: int = 64
+# Largest number of entries prefix_curves gathers at once (2**22 float64 = 32 MiB).
+_GATHER_ELEMS: int = 2**22
 
 # Relative tolerance used by minimal_prefix.
 _THRESHOLD_RTOL: float = 1e-12
@@ -281,6 +283,18 @@ def neuron_hsic(
     ``"sample"`` (inner products of per-neuron ``n x n`` Grams, cost ``d n² s + d² n²``) or
     ``"auto"`` (the cheaper). ``backend``: see :mod:`neuslice.ops.dispatch`.
     """
+    return _neuron_hsic(acts, estimator, route, backend)
+
+
+def _neuron_hsic(
+    acts: Any,
+    estimator: str = "biased",
+    route: str = "auto",
+    backend: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`neuron_hsic`, written into ``out`` (a ``(d, d)`` tensor of any floating dtype,
+    e.g. float64 result memory) if given: the symmetrisation then makes the one pass over it."""
     estimator = _check_estimator(estimator)
     if not isinstance(route, str) or route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
@@ -298,27 +312,29 @@ def neuron_hsic(
         M.addmm_(D, D.T, alpha=-(1.0 + 2.0 / (n - 2)))
         M.addr_(t, t, alpha=1.0 / ((n - 1) * (n - 2)))
         scale = 1.0 / (n * (n - 3))
-    return _symmetrize_(M, 0.5 * scale)  # exactly symmetric
+    return _symmetrize_(M, 0.5 * scale, out)  # exactly symmetric
 
 
 _SYM_TILE: int = 256  # tile side of the in-place symmetrisation of large matrices
 
 
-def _symmetrize_(M: torch.Tensor, factor: float) -> torch.Tensor:
-    """``(M + Mᵀ) · factor``, in place for large ``M`` (tile by tile: no second d x d matrix);
-    the same values either way, as ``M_ij + M_ji`` is the same sum as ``M_ji + M_ij``."""
+def _symmetrize_(M: torch.Tensor, factor: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(M + Mᵀ) · factor`` (computed in ``M``'s dtype), written into ``out`` if given, else in
+    place for large ``M`` (tile by tile: no second d x d matrix); the same values either way, as
+    ``M_ij + M_ji`` is the same sum as ``M_ji + M_ij``."""
     d = M.shape[0]
-    if d <= 2 * _SYM_TILE:
+    if out is None and d <= 2 * _SYM_TILE:
         return (M + M.T).mul_(factor)
+    dst = M if out is None else out
     b = _SYM_TILE
     for i in range(0, d, b):
         for j in range(i, d, b):
             a = M[i : i + b, j : j + b] + M[j : j + b, i : i + b].T
             a.mul_(factor)
-            M[i : i + b, j : j + b] = a
+            dst[i : i + b, j : j + b] = a
             if j != i:
-                M[j : j + b, i : i + b] = a.T
-    return M
+                dst[j : j + b, i : i + b] = a.T
+    return dst
 
 
 def prefix_curve(M: Any, order: Any) -> torch.Tensor:
@@ -362,37 +378,43 @@ def prefix_curves(M: Any, orders: list) -> list[torch.Tensor]:
     # with the earlier neurons plus its own; one cumulative sum then gives every prefix. The
     # entries with earlier neurons are split by blocks of _PREFIX_BLOCK positions: those in
     # earlier blocks come from one matmul with the block indicators of every order (M @ E, a
-    # cumulative sum over blocks), those in its own block from a small gather -- no d x d
-    # permuted copy (a strided gather of d^2 entries was ~10x slower at d = 2048).
-    cols = [(idx.numel() + b - 1) // b if idx.numel() > b else 0 for idx in idxs]
-    F = None
-    if sum(cols):
-        E = torch.zeros(d, sum(cols), dtype=torch.float64, device=work)
-        start = 0
-        for idx, c in zip(idxs, cols):
-            if c:
-                pos = torch.arange(idx.numel(), device=work)
-                E[idx, start + pos // b] = 1.0
-            start += c
-        F = M64 @ E
-    out, start = [], 0
-    for idx, c in zip(idxs, cols):
-        k = idx.numel()
-        pos = torch.arange(k, device=work)
-        earlier = torch.zeros(k, dtype=torch.float64, device=work)
-        if c:
-            Fi = torch.cumsum(F[:, start : start + c], dim=1)  # sum of M_ij over blocks <= B
-            blk = (pos // b - 1).clamp(min=0)
-            earlier = torch.where(pos >= b, Fi[idx, blk], earlier)
-        start += c
-        for s in range(0, k, b):
-            ib = idx[s : s + b]
-            earlier[s : s + b] += M64[ib.unsqueeze(1), ib.unsqueeze(0)].triu_(1).sum(0)
-        self_ = torch.cumsum(earlier.mul_(2).add_(M64.diagonal()[idx]), dim=0)
-        cross = torch.cumsum(row[idx], dim=0)
-        total = row.sum().expand_as(self_)
-        out.append(_cka_from_hsic(cross, self_, total).to(device=M.device, dtype=M.dtype))
-    return out
+    # cumulative sum over blocks), those in its own block from a gather of the (b x b) diagonal
+    # blocks -- no d x d permuted copy (a strided gather of d^2 entries was ~10x slower at
+    # d = 2048). All orders are handled together, padded to a whole number of blocks.
+    lens = [idx.numel() for idx in idxs]
+    n_o, k_max = len(idxs), max(lens)
+    nb = (k_max + b - 1) // b
+    width = b if nb > 1 else k_max
+    length = nb * width
+    pad = torch.zeros(n_o, length, dtype=torch.long, device=work)
+    for o, idx in enumerate(idxs):
+        pad[o, : idx.numel()] = idx
+    pos = torch.arange(length, device=work)
+    blk = pos // width
+    earlier = torch.zeros(n_o, length, dtype=torch.float64, device=work)
+    if nb > 1:
+        valid = pos.unsqueeze(0) < torch.tensor(lens, device=work).unsqueeze(1)
+        col = (torch.arange(n_o, device=work).unsqueeze(1) * nb + blk.unsqueeze(0))[valid]
+        E = torch.zeros(d, n_o * nb, dtype=torch.float64, device=work)
+        E[pad[valid], col] = 1.0
+        Fc = torch.cumsum((M64 @ E).view(d, n_o, nb), dim=2)  # sum of M_ij over blocks <= B
+        prev = Fc[pad, torch.arange(n_o, device=work).unsqueeze(1), (blk - 1).clamp(min=0)]
+        earlier = torch.where(blk >= 1, prev, earlier)
+    # own block: the strict upper triangles of the diagonal blocks, a bounded number at a time
+    blocks = pad.view(n_o * nb, width)
+    step = max(1, _GATHER_ELEMS // (width * width))
+    own = earlier.view(n_o * nb, width)
+    flat_m = M64.contiguous().view(-1)
+    for s0 in range(0, n_o * nb, step):
+        ib = blocks[s0 : s0 + step]
+        flat = (ib.unsqueeze(2) * d + ib.unsqueeze(1)).view(-1)  # entries (ib_p, ib_q)
+        sub = flat_m.index_select(0, flat).view(ib.shape[0], width, width)
+        own[s0 : s0 + step] += sub.triu_(1).sum(1)
+    self_ = torch.cumsum(earlier.mul_(2).add_(M64.diagonal()[pad]), dim=1)
+    cross = torch.cumsum(row[pad], dim=1)
+    total = row.sum().expand_as(self_)
+    curves = _cka_from_hsic(cross, self_, total).to(device=M.device, dtype=M.dtype)
+    return [curves[o, :k] for o, k in enumerate(lens)]
 
 
 def naive_curve(

@@ -48,4 +48,4 @@ def block_gram_norms(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if route == "auto":
         route = reference.block_gram_route(*x.shape)
-    return select(x, backend).run(x, route)
+    return select(x, backend, route).run(x, route)

@@ -62,6 +62,7 @@ class Backend:
     default_on: dict  # device type -> bool: dispatched to automatically there
     why_off: str = ""
     auto_min_positions: int = 1  # automatic choice only for inputs with s >= this
+    auto_min_samples: int = 1  # ... and, on the sample route, n >= this
 
     def load_error(self) -> str | None:
         if self.name == "torch":
@@ -139,9 +140,16 @@ BACKENDS: dict[str, Backend] = {
         "(slow) interpreter exists",
     ),
     # Dense layers (s = 1) are one BLAS matmul either way: measured 0.7-1.0x there, so the
-    # automatic choice keeps them on the PyTorch route (bench/RESULTS.md).
+    # automatic choice keeps them on the PyTorch route (bench/RESULTS.md). So are the sample
+    # route's few-sample inputs (n <= 16: the packed Grams are one thin BLAS matmul), where the
+    # PyTorch route measured 1.0-1.7x faster (1 thread, d = 256-2048).
     "cpp": Backend(
-        "cpp", ("cpu",), _FLOATS + (torch.float64,), {"cpu": True}, auto_min_positions=2
+        "cpp",
+        ("cpu",),
+        _FLOATS + (torch.float64,),
+        {"cpu": True},
+        auto_min_positions=2,
+        auto_min_samples=17,
     ),
     "torch": Backend(
         "torch",
@@ -152,8 +160,9 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def select(x: torch.Tensor, backend: str | None = None) -> Backend:
-    """The backend to run ``x`` with; explicit choices raise ``RuntimeError`` with reasons."""
+def select(x: torch.Tensor, backend: str | None = None, route: str | None = None) -> Backend:
+    """The backend to run ``x`` with (on ``route``, if known); explicit choices raise
+    ``RuntimeError`` with reasons."""
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice != "auto":
         if choice not in BACKENDS:
@@ -176,6 +185,7 @@ def select(x: torch.Tensor, backend: str | None = None) -> Backend:
         if (
             b.default_on.get(x.device.type, False)
             and x.shape[-1] >= b.auto_min_positions
+            and (route != "sample" or x.shape[0] >= b.auto_min_samples)
             and not b.not_supported_reasons(x)
         ):
             return b
@@ -200,7 +210,12 @@ def backend_report(device: str = "cpu") -> list[tuple[str, bool, str]]:
                 (
                     name,
                     True,
-                    f"used automatically for s >= {b.auto_min_positions} positions per neuron",
+                    f"used automatically for s >= {b.auto_min_positions} positions per neuron"
+                    + (
+                        f" (sample route: n >= {b.auto_min_samples} samples)"
+                        if b.auto_min_samples > 1
+                        else ""
+                    ),
                 )
             )
         else:

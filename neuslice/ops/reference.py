@@ -43,19 +43,28 @@ def block_gram_norms(x: torch.Tensor, route: str = "auto") -> torch.Tensor:
         return m
     if route != "sample":
         raise ValueError(f"route must be 'auto', 'feature' or 'sample', got {route!r}")
+    # the Grams are symmetric: <G_i, G_j> = Σ_a G_i[a,a] G_j[a,a] + 2 Σ_{a<b} G_i[a,b] G_j[a,b],
+    # so each is packed as its diagonal and upper triangle (half the flops of all n² entries),
+    # the factor 2 going to one side only (exact)
     per_neuron = x.permute(1, 0, 2)  # (d, n, s)
     chunk = max(1, _BLOCK_ELEMS // (n * n))
     blocks = [(a0, min(d, a0 + chunk)) for a0 in range(0, d, chunk)]
+    iu = torch.triu_indices(n, n, 1, device=x.device)
 
-    def grams(a0: int, a1: int) -> torch.Tensor:
+    def grams(a0: int, a1: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = per_neuron[a0:a1]
-        return (a @ a.transpose(1, 2)).reshape(a1 - a0, n * n)
+        g = a @ a.transpose(1, 2)
+        diag, upper = g.diagonal(dim1=1, dim2=2), g[:, iu[0], iu[1]]
+        return torch.cat([diag, upper], 1), torch.cat([diag, upper * 2], 1)
 
+    if len(blocks) == 1:
+        va, wa = grams(0, d)
+        return torch.mm(va, wa.T, out=m)
     for bi, (a0, a1) in enumerate(blocks):
-        va = grams(a0, a1)
-        m[a0:a1, a0:a1] = va @ va.T
+        va, wa = grams(a0, a1)
+        m[a0:a1, a0:a1] = va @ wa.T
         for b0, b1 in blocks[bi + 1 :]:
-            blk = va @ grams(b0, b1).T
+            blk = va @ grams(b0, b1)[1].T
             m[a0:a1, b0:b1] = blk
             m[b0:b1, a0:a1] = blk.T
     return m

@@ -77,7 +77,7 @@ class LayerState:
                 slots, d * self.positions, self.device, accumulation_dtype(self.feature_dtype)
             )
         backend = self.cfg.backend
-        fn = lambda a: cka.neuron_hsic(a, "unbiased", backend=backend)  # noqa: E731
+        fn = lambda a, out: cka._neuron_hsic(a, "unbiased", backend=backend, out=out)  # noqa: E731
         return MinibatchHSICAccumulator(
             slots, d, self.cfg.cka_batch, fn, self.device, storage=storage
         )
@@ -113,6 +113,7 @@ class LayerState:
         if whole:
             sums += [self.sums[k].view(-1) for k in WHOLE_KEYS]
         if acc is not None:
+            acc.finalize()
             if self.route == "feature":
                 merged = (acc.count, acc.mean, acc.comoment)
                 moments.append(merged)
@@ -126,22 +127,26 @@ class LayerState:
         """The finished accumulator of ``category`` in grouped mode (empty if it had no data)."""
         acc = self.open.pop(category, None)
         acc = acc if acc is not None else self.new_acc(1)
-        acc.finalize()
+        if self.route != "feature":  # the feature route finishes a category in block_norms_
+            acc.finalize()
         return acc
 
     def _results(self, acc, outs=None):
         """Per slot: (HSIC matrix, weight), one slot at a time to bound the temporaries; the
-        minibatch route writes slot ``k``'s matrix into ``outs[k]`` when given."""
+        minibatch route writes slot ``k``'s matrix into ``outs[k]`` when given, and, when only
+        the CKA curves are kept, yields a positive multiple of it (the curves are scale-free)."""
         d = self.layer.num_neurons
         if self.route == "feature":
-            acc.finalize()
             for k in range(acc.count.shape[0]):
                 m, n = acc.block_norms_(k, d)
                 yield m, (n if int(acc.count[k]) >= 2 else torch.zeros_like(n))
         else:
             acc.finalize()
             for k in range(acc.weight.shape[0]):  # one category at a time: no (C, d, d) temporary
-                yield acc.result_of(k, None if outs is None else outs[k])
+                if self.hsic is None:  # only the CKA curves, which do not depend on the scale
+                    yield acc.result_of(k, normalise=False)
+                else:
+                    yield acc.result_of(k, None if outs is None else outs[k])
 
     def _hsic_written(self) -> torch.Tensor | None:
         """``self.hsic`` with the categories not yet stored at zero."""

@@ -126,7 +126,9 @@ class CovarianceAccumulator(_Stateful):
     Samples are buffered per category (``buffer_size`` of them) so that each ``p x p`` update
     serves many samples, then added as sums of values shifted by the category's first sample
     (the shifted-data algorithm: with the shift near the mean nothing cancels badly), with the
-    matmul in ``compute_dtype`` (TF32 off) and the sums in float64.
+    matmul in ``compute_dtype`` (TF32 off) and the sums in float64. A category that never
+    filled its buffer is finished from its samples instead (:meth:`block_norms_`): centred and
+    reduced in float64, with no ``p x p`` co-moment at all when that is cheaper.
     """
 
     _STATE = ("count", "shift", "s1", "buffers", "buffered")  # and s2 (state_dict)
@@ -201,13 +203,47 @@ class CovarianceAccumulator(_Stateful):
         n = self.count.clamp(min=1).to(ACC).view(-1, 1, 1)
         return self.s2 - self.s1.unsqueeze(2) * self.s1.unsqueeze(1) / n
 
+    @staticmethod
+    def samples_cheaper(n: int, d: int, s: int) -> bool:
+        """Whether ``n`` samples of ``d`` neurons x ``s`` positions give the block norms faster
+        from the samples (per-neuron ``n x n`` Grams, ``d n² (s + d)`` flops) than from the
+        ``p x p`` co-moment (``n p²`` flops plus a few passes over ``p²`` float64 values); for
+        ``s = 1`` both are ``Xᵀ X``, without the co-moment's rounding to float32."""
+        p = d * s
+        return s == 1 or d * n * n * (s + d) <= p * p * (n + 200)
+
+    def _block_norms_from_samples(self, k: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`block_norms_` of a category whose samples are all still buffered: exact
+        float64 centring, then the block norms of the centred samples (no co-moment)."""
+        from .. import ops
+
+        x = torch.cat(self.buffers[k]).to(ACC)
+        self.buffers[k], self.buffered[k] = [], 0
+        n = x.shape[0]
+        self.count[k] += n
+        x = x - x[:1]
+        x -= x.mean(dim=0, keepdim=True)
+        s = x.shape[1] // d
+        m = ops.block_gram_norms(x.view(n, d, s), "feature" if s == 1 else "sample")
+        m = (m + m.T).mul_(0.5 / max(n - 1, 1) ** 2)  # exactly symmetric
+        return m, self.count[k].to(ACC)
+
     def block_norms_(self, k: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, n)`` of category ``k``: ``M[i, j]`` = squared Frobenius norm of the ``(i, j)``
         block (``d`` blocks of ``p / d`` positions) of the covariance; consumes the category's
-        co-moment in place (call :meth:`finalize` first; nothing may read ``k`` afterwards)."""
-        n = self.count[k].to(ACC)
+        statistics (its co-moment in place; nothing may read ``k`` afterwards). A category whose
+        samples are all still buffered and few is computed from them directly."""
         p = self.s1.shape[1]
         s = p // d
+        if (
+            self._s2[k] is None
+            and int(self.count[k]) == 0
+            and self.buffered[k] > 0
+            and self.samples_cheaper(self.buffered[k], d, s)
+        ):
+            return self._block_norms_from_samples(k, d)
+        self._flush(k)
+        n = self.count[k].to(ACC)
         cm = self._s2[k]
         if cm is None:  # no sample: an all-zero covariance
             return torch.zeros(d, d, dtype=ACC, device=self.s1.device), n
@@ -249,7 +285,8 @@ class MinibatchHSICAccumulator(_Stateful):
 
     Samples of each category are buffered until ``batch_size`` of them are there, so the result
     does not depend on how the loader batched the data; memory is bounded by
-    ``num_classes * batch_size`` samples. (Nguyen, Raghu & Kornblith 2021.)
+    ``num_classes * batch_size`` samples. (Nguyen, Raghu & Kornblith 2021.) ``hsic_fn(x, out)``
+    returns the HSIC matrix of the samples ``x``, written into ``out`` (float64) if it can.
     """
 
     MIN_SAMPLES = 4  # the unbiased estimator needs n >= 4
@@ -277,6 +314,9 @@ class MinibatchHSICAccumulator(_Stateful):
         # ``total`` is read, views of that (C, d, d) tensor
         self._total: list[torch.Tensor | None] = [None] * num_classes
         self._dense: torch.Tensor | None = None
+        # categories whose sum holds a single minibatch's HSIC, not yet multiplied by its size
+        # (``weight``): most categories of a small data set never need the multiply and divide
+        self._unscaled = [False] * num_classes
         # (C, d, d) float64 memory the sums may live in (the caller's results, divided in place
         # by ``result_of(k, out=storage[k])``)
         self._storage = storage
@@ -286,9 +326,16 @@ class MinibatchHSICAccumulator(_Stateful):
         """The memory the sums may live in (None: their own)."""
         return self._storage
 
+    def _scale(self, k: int) -> None:
+        if self._unscaled[k]:
+            self._total[k].mul_(self.weight[k])
+            self._unscaled[k] = False
+
     @property
     def total(self) -> torch.Tensor:
         """``(C, d, d)`` sums of ``n·HSIC`` per category (zeros where none flushed)."""
+        for k in range(len(self._total)):
+            self._scale(k)
         if self._dense is None:
             dense = torch.zeros(
                 len(self._total), self.dim, self.dim, dtype=ACC, device=self.weight.device
@@ -303,21 +350,25 @@ class MinibatchHSICAccumulator(_Stateful):
     def total(self, value: torch.Tensor) -> None:
         self._dense = value
         self._total = list(value.unbind(0))
+        self._unscaled = [False] * len(self._total)
 
     def _flush(self, k: int, n: int) -> None:
         data = torch.cat(self.buffers[k])
         chunk, rest = data[:n], data[n:]
         self.buffers[k] = [rest] if rest.shape[0] else []
         self.buffered[k] = rest.shape[0]
-        m = self.hsic_fn(chunk)
-        if self._total[k] is None and self._storage is not None and self._dense is None:
-            self._total[k] = self._storage[k].copy_(m).mul_(n)  # n·HSIC in float64
+        if self._total[k] is None:  # the HSIC itself, in float64 (the result memory if given)
+            out = (
+                self._storage[k]
+                if self._storage is not None and self._dense is None
+                else torch.empty(self.dim, self.dim, dtype=ACC, device=self.weight.device)
+            )
+            m = self.hsic_fn(chunk, out)
+            self._total[k] = m if m.data_ptr() == out.data_ptr() else out.copy_(m)
+            self._unscaled[k] = True
         else:
-            m = (m.to(ACC) if m.dtype != ACC else m.clone()).mul_(n)  # our own float64 copy
-            if self._total[k] is None:
-                self._total[k] = m
-            else:
-                self._total[k] += m
+            self._scale(k)
+            self._total[k].add_(self.hsic_fn(chunk, None), alpha=n)
         self.weight[k] += n
 
     def update(self, acts: torch.Tensor, labels: torch.Tensor) -> None:
@@ -338,11 +389,17 @@ class MinibatchHSICAccumulator(_Stateful):
         w = self.weight.clamp(min=1).view(-1, 1, 1)
         return self.total / w, self.weight
 
-    def result_of(self, k: int, out: torch.Tensor | None = None):
-        """``result()`` of category ``k`` alone (the matrix written into ``out`` if given)."""
+    def result_of(self, k: int, out: torch.Tensor | None = None, normalise: bool = True):
+        """``result()`` of category ``k`` alone (the matrix written into ``out`` if given);
+        ``normalise=False``: a positive multiple of it, as it is held (enough for scale-free
+        uses such as CKA curves)."""
         t, w = self._total[k], self.weight[k]
+        if t is not None and not normalise and out is None:
+            return t, w
         if t is None:
             if out is None:
                 return torch.zeros(self.dim, self.dim, dtype=ACC, device=w.device), w
             return out.zero_(), w
+        if self._unscaled[k]:
+            return (t if out is None or out.data_ptr() == t.data_ptr() else out.copy_(t)), w
         return torch.div(t, w.clamp(min=1), out=out), w

@@ -9,7 +9,8 @@ What grows with what (``C`` categories, a layer of ``d`` neurons over ``s`` posi
 * per-category scores (count, mean, M2, Taylor, DeepLIFT): ``~6·C·d`` float64 -- always;
 * HSIC accumulators -- ``category_order="any"``: one per category; ``"grouped"``: only the
   categories in progress (those of the current batch); feature route ``(d·s)²`` float64
-  plus a buffer of ``256·d·s`` values per category, minibatch route ``d²`` float64 plus pending
+  plus a buffer of ``256·d·s`` values per category, minibatch route ``d²`` float64 (none with
+  ``"any"`` and ``keep_hsic=True``: the sums accumulate in the result matrices) plus pending
   samples (``cka_batch·d·s`` float32 per category; grouped: ``(cka_batch + batch)·d·s`` in all);
 * results: ``keep_hsic=True`` keeps ``C·d²`` float64 HSIC matrices; ``False`` keeps only the
   CKA prefix curves, ``C·d`` float64 per metric -- all semantic slicing needs.
@@ -124,7 +125,9 @@ def estimate(
                 acc, pending = slots * 8 * (p * p + 3 * p), slots * 4 * _FEATURE_BUFFER * p
                 finalize = 16 * p * p  # one category's co-moment and its squared blocks
             else:
-                acc, finalize = slots * 8 * d * d, 0
+                # "any" order with keep_hsic: the sums accumulate in the result matrices
+                own = grouped or not keep_hsic
+                acc, finalize = (slots * 8 * d * d if own else 0), 0
                 # grouped: only the oldest open category can hold a leftover (< cka_batch);
                 # the others hold samples of the current batch only
                 waiting = (cka_batch + batch_size) if grouped else c * cka_batch
