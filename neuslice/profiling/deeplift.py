@@ -24,6 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..layers import ACT_FUNCTIONS, ACT_METHODS, ACT_TYPES
+from .stats import scratch
 
 __all__ = ["rescale_rule", "RESCALE_TYPES", "EPS"]
 
@@ -81,11 +82,13 @@ class _Rule:
         ratio = out.detach().to(d_in.dtype) - self.base[key][1].to(d_in.dtype)
         # float arithmetic instead of boolean masks (torch.where on a bool mask is many times
         # slower than a multiply on the CPU): ``small`` marks |Δin| < EPS with 1.0
-        size = d_in.abs()
+        # |Δin| in reused memory: it outlives this call only where some |Δin| < EPS
+        size = torch.abs(d_in, out=scratch("rescale.size", d_in.shape, d_in.dtype, d_in.device))
         if size.numel() == 0 or bool(size.amin() >= EPS):
             small = None
             ratio.div_(d_in)
         else:
+            size = size.clone()
             # 1.0 where |Δin| < EPS, else 0.0 (a float difference is 0 only for equal values)
             small = size.sub_(EPS).sign_().clamp_(max=0).neg_()
             ratio.div_(d_in.add_(small))  # a denominator of about 1 where small: finite

@@ -70,11 +70,16 @@ class LayerState:
     # ---- accumulation ------------------------------------------------------------------
     def new_acc(self, slots: int, storage: torch.Tensor | None = None):
         """An HSIC accumulator with ``slots`` categories; the minibatch route keeps its sums in
-        ``storage`` (``(slots, d, d)`` float64) if given."""
+        ``storage`` (``(slots, d, d)`` float64) if given, the feature route its co-moments when
+        each neuron has one position."""
         d = self.layer.num_neurons
         if self.route == "feature":
             return CovarianceAccumulator(
-                slots, d * self.positions, self.device, accumulation_dtype(self.feature_dtype)
+                slots,
+                d * self.positions,
+                self.device,
+                accumulation_dtype(self.feature_dtype),
+                storage=storage if self.positions == 1 else None,
             )
         backend = self.cfg.backend
         fn = lambda a, out: cka._neuron_hsic(a, "unbiased", backend=backend, out=out)  # noqa: E731

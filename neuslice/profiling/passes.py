@@ -13,7 +13,7 @@ from .._utils.hooks import hooks_at
 from .._utils.numerics import accumulation_dtype
 from .deeplift import rescale_rule
 from ..layers import SlicedLayer
-from .stats import ACC
+from .stats import ACC, scratch
 
 
 def split_batch(batch, num_classes: int, index: int):
@@ -230,10 +230,23 @@ def forward_pass(model, layers, states, x, y, cfg) -> float:
     return t_dl
 
 
-def _over_positions(p: torch.Tensor) -> torch.Tensor:
-    """``p.sum(2)`` of ``(batch, neurons, positions)``; a dense layer's one position is read
-    as it is (no reduction kernel)."""
-    return p[:, :, 0] if p.shape[2] == 1 else p.sum(2)
+def _product_over_positions(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(2)`` of ``(batch, neurons, positions)`` tensors, as float64; a dense
+    layer's products (one position) are written straight into reused float64 memory."""
+    if a.shape[2] == 1 and b.shape[2] == 1:
+        out = scratch(name, (a.shape[0], a.shape[1]), ACC, a.device)
+        return torch.mul(a[:, :, 0], b[:, :, 0], out=out)
+    prod = torch.mul(
+        a,
+        b,
+        out=scratch(
+            "product",
+            torch.broadcast_shapes(a.shape, b.shape),
+            torch.promote_types(a.dtype, b.dtype),
+            a.device,
+        ),
+    )
+    return prod.sum(2).to(ACC)
 
 
 def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
@@ -251,9 +264,9 @@ def _taylor(layers, states, kept, logits, y, cfg, retain: bool) -> None:
     for (l, key), t, g in zip(owners, targets, grads):
         g = torch.zeros_like(t) if g is None else g
         wd = accumulation_dtype(t)
-        per[(l.name, key)] = _over_positions(
-            l.neuron_view(t.detach()).to(wd) * l.neuron_view(g).to(wd)
-        ).to(ACC)
+        per[(l.name, key)] = _product_over_positions(
+            f"taylor.{l.name}.{key}", l.neuron_view(t.detach()).to(wd), l.neuron_view(g).to(wd)
+        )
     cats, inv, n_b = torch.unique(y, return_inverse=True, return_counts=True)  # present ones
     for l in layers:
         st = states[l.name]
@@ -289,7 +302,8 @@ def _deeplift(layers, states, kept, base, logits, y, cfg, rule) -> None:
         if h0 is None:
             raise RuntimeError(f"layer {l.name!r} was not executed on the DeepLIFT baseline.")
         wd = accumulation_dtype(h)
-        diff = l.neuron_view(h.detach()).to(wd) - l.neuron_view(h0.detach()).to(wd)
-        contrib = _over_positions(diff * l.neuron_view(g).to(wd)).to(ACC)
+        hv, h0v = l.neuron_view(h.detach()).to(wd), l.neuron_view(h0.detach()).to(wd)
+        diff = torch.sub(hv, h0v, out=scratch("deeplift.diff", hv.shape, wd, hv.device))
+        contrib = _product_over_positions("deeplift", diff, l.neuron_view(g).to(wd))
         check_finite(l, contrib, "DeepLIFT contributions")
         states[l.name].sums["deeplift"].index_add_(0, y, contrib)

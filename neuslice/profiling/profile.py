@@ -53,6 +53,7 @@ from .planning import (
 )
 from .result import Profile
 from .scores import ALL_METRICS, METRICS
+from .stats import scratch_space
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,12 @@ def profile(
         loader, progress and (reducer is None or reducer.rank == 0), "neuslice.profile"
     )
     try:
-        with exclusive(model, "neuslice.profile"), no_tf32(), module_modes(work_model, train=False):
+        with (
+            exclusive(model, "neuslice.profile"),
+            no_tf32(),
+            module_modes(work_model, train=False),
+            scratch_space(),
+        ):
             p = _plan(
                 model, work_model, device, iter(bar), layers, cfg, reducer, checkpoint, resume
             )

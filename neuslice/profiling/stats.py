@@ -7,6 +7,11 @@ does not depend on how the data was batched and no precision is lost to ``Σxx�
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -54,6 +59,39 @@ class _Stateful:
 
 ACC = torch.float64
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def scratch_space() -> Iterator[None]:
+    """Within the block (of this thread), :func:`scratch` reuses its buffers across calls: no
+    fresh allocation (and first-touch page faults) for each temporary of each batch. They are
+    released at the end of the outermost block."""
+    outer = getattr(_local, "buffers", None)
+    if outer is None:
+        _local.buffers = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _local.buffers = None
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor: inside :func:`scratch_space` and on the CPU, a view of
+    a buffer kept under ``name`` (valid until the next call with that name); else a fresh one
+    (an accelerator's caching allocator already reuses freed memory without page faults)."""
+    buffers = getattr(_local, "buffers", None)
+    device = torch.device(device if device is not None else "cpu")
+    if buffers is None or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, dtype, device)
+    n = math.prod(shape)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
 
 def by_category(values: torch.Tensor, labels: torch.Tensor):
     """``(category, a copy of its rows of values)`` for each category present, in increasing
@@ -96,14 +134,17 @@ class MomentAccumulator(_Stateful):
         self.m2 = torch.zeros(num_classes, dim, dtype=ACC, device=device)
 
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
-        values = values.to(ACC)
+        if values.dtype != ACC:  # widened in reused memory
+            values = scratch("moments.values", values.shape, ACC, values.device).copy_(values)
         # only the categories present in the batch are touched: O(batch·d), not O(C·d)
         cats, inv, n_b = torch.unique(labels, return_inverse=True, return_counts=True)
         sums = torch.zeros(
             cats.numel(), values.shape[1], dtype=ACC, device=values.device
         ).index_add_(0, inv, values)
         mean_b = sums / n_b.unsqueeze(1).to(ACC)
-        dev = mean_b.index_select(0, inv).sub_(values)  # -(x - mean): the same squares
+        dev = torch.index_select(  # -(x - mean): the same squares
+            mean_b, 0, inv, out=scratch("moments.dev", values.shape, ACC, values.device)
+        ).sub_(values)
         m2_b = torch.zeros_like(sums).index_add_(0, inv, dev.mul_(dev))
         n, mean, m2 = merge_moments(
             self.count[cats], self.mean[cats], self.m2[cats], n_b, mean_b, m2_b
@@ -140,8 +181,12 @@ class CovarianceAccumulator(_Stateful):
         device=None,
         compute_dtype=torch.float32,
         buffer_size: int = 256,
+        storage: torch.Tensor | None = None,
     ):
         self.device = device
+        # (C, p, p) float64 memory the co-moments may live in (the caller's results: the block
+        # norms of a category with one position per neuron are computed in place there)
+        self._storage = storage
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.shift = torch.zeros(num_classes, dim, dtype=ACC, device=device)
         self.s1 = torch.zeros(num_classes, dim, dtype=ACC, device=device)
@@ -160,27 +205,51 @@ class CovarianceAccumulator(_Stateful):
                 self._flush(k)
 
     def _flush(self, k: int) -> None:
-        if not self.buffers[k]:
+        parts = self.buffers[k]
+        if not parts:
             return
-        x = torch.cat(self.buffers[k]).to(ACC)
         self.buffers[k], self.buffered[k] = [], 0
+        n, p = sum(t.shape[0] for t in parts), self.s1.shape[1]
+        dev = self.s1.device
         if self.count[k] == 0:
-            self.shift[k] = x[0]
-        d = x - self.shift[k]
+            self.shift[k] = parts[0][0]
+        # the shifted values in float64, in reused memory
+        d = scratch("cov.shifted", (n, p), ACC, dev)
+        i = 0
+        for t in parts:
+            d[i : i + t.shape[0]].copy_(t)
+            i += t.shape[0]
+        d.sub_(self.shift[k])
         self.s1[k] += d.sum(0)
         if self.compute_dtype != ACC:
-            d = d.to(self.compute_dtype)
-        if self._s2[k] is None:
-            self._s2[k] = (d.T @ d).to(ACC)
+            d = scratch("cov.low", (n, p), self.compute_dtype, dev).copy_(d)
+        s2 = self._s2[k]
+        if s2 is None:
+            # the caller's memory when given (p x p float64 per category), else a fresh tensor
+            s2 = self._s2[k] = (
+                self._storage[k]
+                if self._storage is not None
+                else torch.empty(p, p, dtype=ACC, device=dev)
+            )
+            if self.compute_dtype == ACC:
+                torch.mm(d.T, d, out=s2)
+            else:
+                s2.copy_(torch.mm(d.T, d, out=scratch("cov.product", (p, p), d.dtype, dev)))
         elif self.compute_dtype == ACC:
-            self._s2[k].addmm_(d.T, d)
-        else:
-            self._s2[k].add_(d.T @ d)  # float32 product added into the float64 sums
-        self.count[k] += x.shape[0]
+            s2.addmm_(d.T, d)
+        else:  # the product in compute_dtype, widened in reused memory, added into the sums
+            prod = torch.mm(d.T, d, out=scratch("cov.product", (p, p), d.dtype, dev))
+            s2.add_(scratch("cov.wide", (p, p), ACC, dev).copy_(prod))
+        self.count[k] += n
 
     def finalize(self) -> None:
         for k in range(len(self.buffers)):
             self._flush(k)
+
+    @property
+    def storage(self) -> torch.Tensor | None:
+        """The memory the co-moments may live in (None: their own)."""
+        return self._storage
 
     @property
     def mean(self) -> torch.Tensor:
