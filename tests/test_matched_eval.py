@@ -102,6 +102,10 @@ def test_paired_stats_against_scipy_and_by_hand():
     assert math.isclose(st["p"], 0.0377, abs_tol=5e-4)
     z = M.paired_stats([1.0, 2.0], [0.0, 1.0])  # zero spread: p and d undefined, not 0
     assert math.isnan(z["p"]) and math.isnan(z["d"]) and math.isclose(z["mean_diff"], 1.0)
+    # equal differences with a rounding-error spread (0.7 - 0.6 != 0.8 - 0.7 in binary floating
+    # point) are no spread either: no p of 0 and no d of 1e15
+    r = M.paired_stats([0.7, 0.8], [0.6, 0.7])
+    assert math.isnan(r["p"]) and math.isnan(r["d"]) and r["sd_diff"] == 0.0
     with pytest.raises(ValueError):
         M.paired_stats([1.0], [1.0, 2.0])
 
