@@ -542,11 +542,14 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
     colour = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
     models = sorted({r.model for r in rows})
     metrics = sorted({r.metric for r in rows})
+    ncol = min(3, len(labels))
+    legend_h = 0.25 + 0.17 * math.ceil(len(labels) / max(ncol, 1))  # inches under the panels
+    height = 3.1 * len(models) + legend_h + 0.15
     fig, axes = plt.subplots(
         len(models),
         len(metrics),
         squeeze=False,
-        figsize=(max(4.4 * len(metrics), 7.5), 3.1 * len(models) + 0.9),
+        figsize=(max(4.4 * len(metrics), 7.5), height),
     )
     for i, model in enumerate(models):
         for j, metric in enumerate(metrics):
@@ -594,7 +597,7 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
         )
         for lab in labels
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(labels)), fontsize=7)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7)
     seeds = sorted({r.seed for r in rows})
     has_bn = any(r.reestimated for r in rows)
     note = (
@@ -603,6 +606,6 @@ def plot(rows: Sequence[Row], path, field_: str = "acc") -> None:
         else "plain masking (training BN statistics)"
     )
     fig.suptitle(f"Matched compression, {note}; mean ± std over seeds {seeds}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.9 / (3.1 * len(models) + 0.9) + 0.02, 1, 0.97))
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1 - 0.15 / height))
     fig.savefig(path, dpi=110, bbox_inches="tight")  # nothing clipped, whatever the panel count
     plt.close(fig)
