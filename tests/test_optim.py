@@ -19,25 +19,25 @@ OPTIMIZERS = {
 }
 
 
-def make_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)
-    )
+def make_mlp(sizes=(8, 16, 12), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    a, b, c = sizes
+    return nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c), nn.ReLU(), nn.Linear(c, 4))
 
 
-def make_cnn() -> nn.Module:
-    torch.manual_seed(0)
+def make_cnn(widths=(6, 8), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    a, b = widths
     return nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
+        nn.Conv2d(2, a, 3, padding=1),
+        nn.BatchNorm2d(a),
         nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
+        nn.Conv2d(a, b, 3, padding=1),
+        nn.BatchNorm2d(b),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(8, 4),
+        nn.Linear(b, 4),
     )
 
 
@@ -264,22 +264,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _awkward(kind: str) -> nn.Module:
-    torch.manual_seed(3)
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 9), nn.ReLU(), nn.Linear(9, 4)
-        )
-    return nn.Sequential(
-        nn.Conv2d(2, 5, 3, padding=1),
-        nn.BatchNorm2d(5),
-        nn.ReLU(),
-        nn.Conv2d(5, 7, 3, padding=1),
-        nn.BatchNorm2d(7),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(7, 4),
-    )
+    return make_mlp((7, 13, 9), seed=3) if kind == "mlp" else make_cnn((5, 7), seed=3)
 
 
 AWKWARD_SHAPES = {"mlp": [7], "cnn": [2, 5, 5]}
